@@ -1,0 +1,146 @@
+"""The on-disk format of a walstore log, in one place.
+
+Directory layout (``WAL_DIR``, created 0700; every file 0600)::
+
+    META                      JSON {"format": 1, "wal_id": "<uuid4 hex>"}; written once
+    CHECKPOINT                the persisted low water mark (see below)
+    00000000000000000000.seg  segments, named by their first LSN: 20 digits, zero padded,
+    00000000000000262144.seg  so that names sort in LSN order
+    LOCK, append.lock,        flock(2) files: attach (shared by every open process,
+    sync.lock                 exclusive for recovery), the append lock, the group-commit lock
+    shm                       state shared by the processes that have the log open
+                              (mmap'd; never trusted after a crash, rebuilt on recovery)
+    torn/                     copies of torn tails cut off at recovery, for forensics
+    *.tmp                     files being written; never read, removed at recovery
+
+Segment header (64 bytes, little endian)::
+
+    0   8  magic b"WALSEG\\x00\\x01"
+    8   4  salt: random per segment; seeds every record CRC of this segment
+    12  4  reserved, zero
+    16  8  first LSN (must equal the LSN in the file name)
+    24  8  first LSN of the previous segment (2**64-1 for the very first): a missing
+           middle segment is detected at open from the headers alone, without a scan
+    32 16  WAL id (must equal META's: a segment of another log never validates)
+    48 12  reserved, zero
+    60  4  CRC32C of bytes 0..60
+
+Record (20-byte header, then the payload; records are packed back to back)::
+
+    0   4  CRC32C, seeded with the segment salt, of bytes 4..20 of the header and the payload
+    4   4  payload length; at most ``MAX_RECORD_BYTES`` and never past the end of the file
+    8   8  LSN: exactly one more than the previous record's (the first: the segment's first LSN)
+    16  1  type: 1 = data, 2 = lost (a placeholder written by ``walstore repair``)
+    17  3  reserved, zero
+
+The salt is what keeps stale bytes from validating: a record copied from another segment,
+or left over from an older file, has the wrong salt and so the wrong CRC, and its LSN would
+have to be exactly the expected one as well.
+
+A segment is *sealed* when the next one exists: it has been fsync'd and truncated to its
+last record. The newest segment is *active*: it is pre-filled with zeros up to the segment
+size (so that fdatasync after an append need not update the file size), and its valid
+records are followed by zeros.
+
+Torn tail: after a crash, the active segment may end in an incomplete or corrupt record
+(a write that never became durable). On open, the log is cut back to the last whole
+record, provided nothing valid follows; the cut bytes are copied to ``torn/`` first. A bad
+record anywhere else (a sealed segment, or followed by a valid record) is corruption: open
+refuses with the segment, offset and reason, and ``walstore repair`` is the way past it.
+
+CHECKPOINT (16 bytes): ``<QI4x``: low water mark, then CRC32C of those 8 bytes. It is
+replaced atomically (write temp, fsync, rename, fsync directory).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, NamedTuple
+
+import crc32c
+
+SEGMENT_MAGIC: Final = b"WALSEG\x00\x01"
+SEGMENT_HEADER = struct.Struct("<8sI4xQQ16s12xI")
+NO_PREVIOUS: Final = 2**64 - 1
+SEGMENT_HEADER_SIZE: Final = 64
+assert SEGMENT_HEADER.size == SEGMENT_HEADER_SIZE
+
+# crc, length, lsn, type
+RECORD_HEADER = struct.Struct("<IIQB3x")
+RECORD_HEADER_SIZE: Final = RECORD_HEADER.size
+assert RECORD_HEADER_SIZE == 20
+
+TYPE_DATA: Final = 1
+TYPE_LOST: Final = 2
+VALID_TYPES: Final = frozenset({TYPE_DATA, TYPE_LOST})
+
+# A hard ceiling independent of options: a corrupt length can never make us allocate more.
+MAX_RECORD_BYTES: Final = 64 * 1024 * 1024
+
+SEGMENT_SUFFIX: Final = ".seg"
+LSN_DIGITS: Final = 20
+
+CHECKPOINT = struct.Struct("<QI4x")
+
+FORMAT_VERSION: Final = 1
+
+
+def crc(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
+    """CRC32C (hardware accelerated where the CPU has it)."""
+    return int(crc32c.crc32c(data, seed))
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:0{LSN_DIGITS}d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The first LSN a segment file name stands for, or None if it is not a segment name."""
+    stem, dot, ext = name.partition(".")
+    if dot != "." or ext != SEGMENT_SUFFIX[1:] or len(stem) != LSN_DIGITS or not stem.isdigit():
+        return None
+    return int(stem)
+
+
+class SegmentHeader(NamedTuple):
+    salt: int
+    first_lsn: int
+    prev_first_lsn: int
+    wal_id: bytes
+
+
+def pack_segment_header(salt: int, first_lsn: int, prev_first_lsn: int, wal_id: bytes) -> bytes:
+    body = SEGMENT_HEADER.pack(SEGMENT_MAGIC, salt, first_lsn, prev_first_lsn, wal_id, 0)[:60]
+    return body + struct.pack("<I", crc(body))
+
+
+def unpack_segment_header(data: bytes) -> SegmentHeader:
+    """Decode and verify a segment header; raises ValueError with the reason."""
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise ValueError(f"segment header is {len(data)} bytes, expected {SEGMENT_HEADER_SIZE}")
+    magic, salt, first_lsn, prev, wal_id, stored = SEGMENT_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC:
+        raise ValueError(f"bad segment magic {magic!r}")
+    if crc(data[:60]) != stored:
+        raise ValueError("segment header checksum mismatch")
+    return SegmentHeader(salt, first_lsn, prev, wal_id)
+
+
+def pack_record(salt: int, lsn: int, payload: bytes, rtype: int = TYPE_DATA) -> bytes:
+    head = RECORD_HEADER.pack(0, len(payload), lsn, rtype)
+    checksum = crc(payload, crc(head[4:], salt))
+    return struct.pack("<I", checksum) + head[4:] + payload
+
+
+def pack_checkpoint(lsn: int) -> bytes:
+    raw = struct.pack("<Q", lsn)
+    return CHECKPOINT.pack(lsn, crc(raw))
+
+
+def unpack_checkpoint(data: bytes) -> int:
+    if len(data) != CHECKPOINT.size:
+        raise ValueError(f"checkpoint is {len(data)} bytes, expected {CHECKPOINT.size}")
+    lsn, stored = CHECKPOINT.unpack(data)
+    if crc(struct.pack("<Q", lsn)) != stored:
+        raise ValueError("checkpoint checksum mismatch")
+    return int(lsn)

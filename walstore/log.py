@@ -1,0 +1,425 @@
+"""The log: open, append (one or a batch), read from an LSN, watermarks, prune, close.
+
+Several processes may have one log open and append at once. Appends serialise on the
+append lock only for a pwrite and a shared-memory update; durability is a separate step
+(group commit): the first appender to take the sync lock fdatasyncs once for every record
+written so far, and the others find their records already covered.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from .errors import (
+    LogClosedError,
+    LogFullError,
+    LogPoisonedError,
+    LsnOutOfRangeError,
+    RecordTooLargeError,
+    WalError,
+)
+from .format import SEGMENT_HEADER_SIZE, TYPE_DATA, pack_record
+from .fs import OsFs
+from .options import Options, SyncPolicy
+from .reader import Reader
+from .recovery import load_meta, read_checkpoint, recover, recover_tail, write_checkpoint
+from .scan import Record
+from .segments import create_segment, list_segments, segment_path
+from .shm import (
+    INTENT_APPEND,
+    INTENT_NONE,
+    INTENT_ROLL,
+    AttachLock,
+    FileLock,
+    SharedState,
+    TornStateError,
+    WriteState,
+)
+
+
+@dataclass(frozen=True)
+class Status:
+    segments: int
+    bytes: int
+    first_lsn: int
+    next_lsn: int
+    low_water_mark: int
+    high_water_mark: int
+
+    @property
+    def pending(self) -> int:
+        """Entries not yet confirmed: next LSN minus the low water mark."""
+        return self.next_lsn - self.low_water_mark
+
+
+class Wal:
+    """A segmented write-ahead log in one directory. Use ``Wal.open``."""
+
+    def __init__(self, directory: str, options: Options) -> None:
+        self._dir = os.path.abspath(directory)
+        self._opts = options
+        self._fs: OsFs = options.fs if isinstance(options.fs, OsFs) else OsFs()
+        self._closed = False
+        self._fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
+        self._lwm_lock = threading.Lock()
+        if not os.path.isdir(self._dir):
+            os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        join = os.path.join
+        self._attach = AttachLock(join(self._dir, "LOCK"))
+        self._shm = SharedState(join(self._dir, "shm"))
+        self._wlock = FileLock(join(self._dir, "append.lock"))
+        self._slock = FileLock(join(self._dir, "sync.lock"))
+        try:
+            self._attach_and_recover()
+            self.wal_id = load_meta(self._fs, self._dir, create=False).hex()
+            self._wal_id_bytes = bytes.fromhex(self.wal_id)
+        except BaseException:
+            self._release_handles()
+            raise
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], options: Options | None = None) -> Wal:
+        """Open (creating if needed) the log in ``directory``; recovers it if this process
+        is the only one that has it open."""
+        return cls(os.fspath(directory), options or Options())
+
+    def _attach_and_recover(self) -> None:
+        for _ in range(200):
+            if self._attach.try_exclusive():
+                try:
+                    state, _wal_id, _lwm = recover(self._fs, self._dir, self._opts)
+                    self._shm.initialise(state, synced_lsn=state.next_lsn)
+                except BaseException:
+                    self._shm.invalidate()
+                    self._attach.release()
+                    raise
+            self._attach.shared()
+            if self._shm.is_valid():
+                return
+            self._attach.release()  # a recovering process died: try to recover ourselves
+            time.sleep(0.01)
+        raise WalError(f"could not attach to the log in {self._dir}: recovery keeps failing")
+
+    # ----------------------------------------------------------------- public surface
+    def append(self, payload: bytes) -> int:
+        """Append one record; returns its LSN once durable (per the sync policy)."""
+        return self.append_batch([payload])[0]
+
+    def append_batch(self, payloads: Sequence[bytes]) -> range:
+        """Append records atomically in order; returns their LSNs once durable."""
+        self._check_open()
+        return self._append_batch(payloads)
+
+    def sync(self) -> int:
+        """fdatasync everything written so far, whatever the policy; returns the HWM."""
+        self._check_open()
+        return self._flush(self._shm.write_state_snapshot().next_lsn, force=True)
+
+    def reader(self, from_lsn: int | None = None) -> Reader:
+        """A reader positioned at ``from_lsn`` (default: the low water mark)."""
+        self._check_open()
+        start = self.low_water_mark() if from_lsn is None else from_lsn
+        if start > self.high_water_mark():
+            raise LsnOutOfRangeError(f"LSN {start} is past the high water mark")
+        return Reader(self._fs, self._dir, start, self.high_water_mark)
+
+    def iter_from(self, lsn: int) -> Iterator[Record]:
+        """Records from ``lsn`` up to the high water mark as of each batch."""
+        reader = self.reader(lsn)
+        try:
+            yield from reader
+        finally:
+            reader.close()
+
+    def first_lsn(self) -> int:
+        """The first LSN still on disk (the first segment's)."""
+        self._check_open()
+        return list_segments(self._fs, self._dir)[0]
+
+    def next_lsn(self) -> int:
+        """The LSN the next append gets (records below may not be durable yet)."""
+        self._check_open()
+        return self._shm.write_state_snapshot().next_lsn
+
+    def high_water_mark(self) -> int:
+        """Every LSN below this is durable; readers never go past it."""
+        self._check_open()
+        return self._shm.synced_lsn()
+
+    def low_water_mark(self) -> int:
+        """The persisted checkpoint: every LSN below it is confirmed and may be pruned."""
+        self._check_open()
+        return read_checkpoint(self._fs, self._dir)
+
+    def set_low_water_mark(self, lsn: int) -> int:
+        """Persist the low water mark and delete sealed segments wholly below it.
+
+        Returns how many segments were deleted. Never moves the mark backwards and
+        never past the high water mark."""
+        self._check_open()
+        return self._set_low_water_mark(lsn)
+
+    def status(self) -> Status:
+        self._check_open()
+        firsts = list_segments(self._fs, self._dir)
+        st = self._shm.write_state_snapshot()
+        return Status(
+            segments=len(firsts),
+            bytes=st.sealed_bytes + st.offset,
+            first_lsn=firsts[0],
+            next_lsn=st.next_lsn,
+            low_water_mark=read_checkpoint(self._fs, self._dir),
+            high_water_mark=self._shm.synced_lsn(),
+        )
+
+    @property
+    def poisoned(self) -> bool:
+        return self._shm.poisoned()
+
+    @property
+    def directory(self) -> str:
+        return self._dir
+
+    def close(self) -> None:
+        """Flush what was written (even with SyncPolicy.NONE) and release everything."""
+        if self._closed:
+            return
+        try:
+            if not self._shm.poisoned():
+                self._flush(self._shm.write_state_snapshot().next_lsn, force=True)
+        finally:
+            self._closed = True
+            self._release_handles()
+
+    def __enter__(self) -> Wal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- append path
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"the log in {self._dir} is closed; open it again")
+
+    def _append_batch(self, payloads: Sequence[bytes]) -> range:
+        if not payloads:
+            return range(0)
+        for p in payloads:
+            if not isinstance(p, bytes | bytearray | memoryview):
+                raise TypeError(f"payload must be bytes, not {type(p).__name__}")
+            if len(p) > self._opts.max_record_bytes:
+                raise RecordTooLargeError(
+                    f"record of {len(p)} bytes exceeds max_record_bytes "
+                    f"({self._opts.max_record_bytes}); nothing was appended"
+                )
+        size = sum(len(p) for p in payloads) + 20 * len(payloads)
+        with self._wlock:
+            st = self._writable_state()
+            if st.offset + size > self._opts.segment_bytes and st.offset > SEGMENT_HEADER_SIZE:
+                st = self._roll(st)
+            self._check_cap(st, size)
+            lsn = st.next_lsn
+            buf = b"".join(
+                pack_record(st.salt, lsn + i, bytes(p), TYPE_DATA) for i, p in enumerate(payloads)
+            )
+            self._shm.set_write(st._replace(intent=INTENT_APPEND, pending_end=st.offset + len(buf)))
+            try:
+                self._fs.pwrite(self._fd(st.active), buf, st.offset)
+            except OSError as exc:
+                # The intent stays set: the next holder zeroes whatever part was written.
+                raise self._io_error("write", exc) from exc
+            end = lsn + len(payloads)
+            self._shm.set_write(
+                st._replace(offset=st.offset + len(buf), next_lsn=end, intent=INTENT_NONE)
+            )
+        self._flush(end, force=False)
+        return range(lsn, end)
+
+    def _writable_state(self) -> WriteState:
+        """The write state, after cleaning up what a dead appender left (append lock held)."""
+        if self._shm.poisoned():
+            raise LogPoisonedError(
+                f"the log in {self._dir} is poisoned by an earlier fsync/write failure; "
+                "stop every process using it and reopen"
+            )
+        try:
+            st = self._shm.write_state()
+        except TornStateError:
+            st = self._rebuild_state()
+        if st.intent == INTENT_APPEND:
+            fd = self._fd(st.active)
+            try:
+                self._fs.pwrite(fd, bytes(st.pending_end - st.offset), st.offset)
+                self._fs.fdatasync(fd)
+            except OSError as exc:
+                raise self._io_error("clean-up write", exc) from exc
+            st = st._replace(intent=INTENT_NONE, pending_end=0)
+            self._shm.set_write(st)
+        elif st.intent == INTENT_ROLL:
+            st = self._roll(st)
+        return st
+
+    def _rebuild_state(self) -> WriteState:
+        """A process died while updating the shared state: read it back from disk."""
+        firsts = list_segments(self._fs, self._dir)
+        newest = firsts[-1]
+        from .segments import read_header
+
+        salt = read_header(self._fs, self._dir, newest, self._wal_id_bytes).salt
+        result = recover_tail(self._fs, self._dir, newest, salt)
+        sealed = sum(self._fs.size(segment_path(self._dir, f)) for f in firsts[:-1])
+        st = WriteState(newest, salt, INTENT_NONE, result.end, result.next_lsn, sealed, 0)
+        self._shm.set_write(st)
+        return st
+
+    def _check_cap(self, st: WriteState, size: int) -> None:
+        cap = self._opts.max_bytes
+        if cap is not None and st.sealed_bytes + st.offset + size > cap:
+            raise LogFullError(
+                f"the log in {self._dir} holds {st.sealed_bytes + st.offset} bytes and the cap "
+                f"is {cap}: nothing was appended; let the pump confirm the backlog or raise "
+                "WAL_MAX_BYTES"
+            )
+
+    def _roll(self, st: WriteState) -> WriteState:
+        """Seal the active segment and start the next one (append lock held)."""
+        free = self._fs.free_bytes(self._dir)
+        if free < self._opts.segment_bytes + self._opts.min_free_bytes:
+            raise LogFullError(
+                f"only {free} bytes free on the disk of {self._dir}: not starting a new segment; "
+                "nothing was appended. Free disk space, then append again"
+            )
+        self._shm.set_write(st._replace(intent=INTENT_ROLL))
+        old = self._fd(st.active)
+        try:
+            self._fs.ftruncate(old, st.offset)
+            self._fs.fdatasync(old)
+        except OSError as exc:
+            raise self._io_error("seal", exc) from exc
+        try:
+            fd, salt = create_segment(
+                self._fs,
+                self._dir,
+                st.next_lsn,
+                st.active,
+                self._wal_id_bytes,
+                self._opts.segment_bytes,
+                self._opts.preallocate,
+            )
+        except OSError as exc:
+            self._shm.set_write(st._replace(intent=INTENT_NONE))  # keep appending to the old
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LogFullError(f"no space for a new segment in {self._dir}: {exc}") from exc
+            raise WalError(f"could not create a segment in {self._dir}: {exc}") from exc
+        with self._fd_lock:
+            self._fds[st.next_lsn] = fd
+        new = WriteState(
+            st.next_lsn, salt, INTENT_NONE, SEGMENT_HEADER_SIZE, st.next_lsn,
+            st.sealed_bytes + st.offset, 0,
+        )  # fmt: skip
+        self._shm.set_write(new)
+        self._forget_fds_below(st.next_lsn)
+        return new
+
+    def _flush(self, end: int, force: bool) -> int:
+        """Make every LSN below ``end`` durable (group commit); returns the HWM."""
+        shm = self._shm
+        if shm.synced_lsn() >= end and not force:
+            return shm.synced_lsn()
+        with self._slock:
+            if shm.poisoned():
+                raise LogPoisonedError(
+                    f"the log in {self._dir} is poisoned: an fsync failed, so records may "
+                    "be lost; nothing more is acknowledged until it is reopened"
+                )
+            synced = shm.synced_lsn()
+            if synced >= end and not force:
+                return synced
+            snap = shm.write_state_snapshot()
+            if self._opts.sync is SyncPolicy.ALWAYS or force:
+                try:
+                    self._fs.fdatasync(self._fd(snap.active))
+                except OSError as exc:
+                    raise self._io_error("fsync", exc) from exc
+            # Every record below snap.next_lsn was written before the snapshot was taken,
+            # and sealed segments were fsync'd when they were sealed.
+            synced = max(synced, snap.next_lsn)
+            shm.set_sync(synced, poisoned=False)
+            return synced
+
+    def _io_error(self, what: str, exc: OSError) -> WalError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and what == "write":
+            return LogFullError(f"disk full while appending to {self._dir}: {exc}; retry later")
+        # fsyncgate: after a failed fsync the kernel may have dropped the dirty pages, so
+        # a later "successful" fsync proves nothing. Refuse everything until recovery.
+        self._shm.set_sync(self._shm.synced_lsn(), poisoned=True)
+        return LogPoisonedError(
+            f"{what} failed on the log in {self._dir}: {exc}. The log is poisoned: fix the "
+            "disk, stop every process using it and reopen it"
+        )
+
+    def _fd(self, first: int) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(first)
+            if fd is None:
+                fd = self._fs.open(segment_path(self._dir, first), os.O_RDWR)
+                self._fds[first] = fd
+            return fd
+
+    def _forget_fds_below(self, first: int) -> None:
+        with self._fd_lock:
+            for seg in [s for s in self._fds if s < first]:
+                self._fs.close(self._fds.pop(seg))
+
+    # ----------------------------------------------------------------- watermark
+    def _set_low_water_mark(self, lsn: int) -> int:
+        with self._lwm_lock:
+            current = read_checkpoint(self._fs, self._dir)
+            if lsn <= current:
+                return 0
+            hwm = self._shm.synced_lsn()
+            if lsn > hwm:
+                raise LsnOutOfRangeError(f"low water mark {lsn} past the high water mark {hwm}")
+            write_checkpoint(self._fs, self._dir, lsn)
+            return self._prune(lsn)
+
+    def _prune(self, lwm: int) -> int:
+        # Under the append lock: the byte count is shared state, and a roll-over must not
+        # change which segment is active while we decide.
+        with self._wlock:
+            st = self._writable_state()
+            firsts = list_segments(self._fs, self._dir)
+            doomed = [f for f, nxt in zip(firsts, firsts[1:], strict=False) if nxt <= lwm]
+            doomed = [f for f in doomed if f != st.active]
+            freed = 0
+            for first in doomed:
+                path = segment_path(self._dir, first)
+                freed += self._fs.size(path)
+                self._fs.unlink(path)
+            if doomed:
+                self._fs.fsync_dir(self._dir)
+                self._shm.set_write(st._replace(sealed_bytes=st.sealed_bytes - freed))
+            return len(doomed)
+
+    # ----------------------------------------------------------------- teardown
+    def _release_handles(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                self._fs.close(fd)
+            self._fds.clear()
+        self._shm.close()
+        self._wlock.close()
+        self._slock.close()
+        self._attach.close()
+
+    def _abandon(self) -> None:
+        """Tests only: drop every handle without flushing, as a killed process would."""
+        self._closed = True
+        self._release_handles()

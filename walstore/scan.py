@@ -1,0 +1,102 @@
+"""Walking the records of one segment's bytes: the single parser behind reading,
+recovery, verify and repair."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .format import (
+    MAX_RECORD_BYTES,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    TYPE_DATA,
+    VALID_TYPES,
+    crc,
+)
+
+class Record(NamedTuple):
+    lsn: int
+    payload: bytes
+
+
+class Stop(NamedTuple):
+    """Where and why a scan stopped before the end of the buffer (None: at the end)."""
+
+    offset: int
+    reason: str
+    zero: bool  # the stop is the start of an all-zero region (a clean end of data)
+
+
+class ScanResult(NamedTuple):
+    end: int  # offset just past the last valid record
+    next_lsn: int
+    count: int
+    stop: Stop | None
+
+
+def check_record(
+    buf: bytes, pos: int, salt: int, lsn: int, max_len: int = MAX_RECORD_BYTES
+) -> tuple[int, int, str | None]:
+    """Verify the record at ``pos``; returns (end offset, type, None) or (pos, 0, reason)."""
+    if pos + RECORD_HEADER_SIZE > len(buf):
+        return pos, 0, "incomplete record header"
+    stored, length, rlsn, rtype = RECORD_HEADER.unpack_from(buf, pos)
+    if length > max_len:
+        return pos, 0, f"record length {length} exceeds the limit {max_len}"
+    end = pos + RECORD_HEADER_SIZE + length
+    if end > len(buf):
+        return pos, 0, f"record of {length} bytes runs past the end of the segment"
+    if rlsn != lsn:
+        return pos, 0, f"LSN {rlsn} where {lsn} was expected"
+    if rtype not in VALID_TYPES:
+        return pos, 0, f"unknown record type {rtype}"
+    if crc(memoryview(buf)[pos + 4 : end], salt) != stored:
+        return pos, 0, "record checksum mismatch"
+    return end, rtype, None
+
+
+def scan(
+    buf: bytes, start: int, salt: int, first_lsn: int, records: list[Record] | None = None
+) -> ScanResult:
+    """Validate records from ``start`` until the buffer ends or one fails.
+
+    If ``records`` is given, data records are appended to it."""
+    pos, lsn, count = start, first_lsn, 0
+    size = len(buf)
+    while pos < size:
+        end, rtype, reason = check_record(buf, pos, salt, lsn)
+        if reason is not None:
+            return ScanResult(pos, lsn, count, Stop(pos, reason, not any_nonzero(buf, pos)))
+        if records is not None and rtype == TYPE_DATA:
+            records.append(Record(lsn, buf[pos + RECORD_HEADER_SIZE : end]))
+        pos, lsn, count = end, lsn + 1, count + 1
+    return ScanResult(pos, lsn, count, None)
+
+
+def any_nonzero(buf: bytes, start: int) -> bool:
+    """True if any byte from ``start`` on is not zero."""
+    return bool(buf[start:].strip(b"\0"))
+
+
+def last_nonzero_end(buf: bytes, start: int) -> int:
+    """Offset just past the last non-zero byte at or after ``start`` (``start`` if none)."""
+    return start + len(buf[start:].rstrip(b"\0"))
+
+
+def find_valid_after(buf: bytes, start: int, salt: int, min_lsn: int) -> tuple[int, int] | None:
+    """The first (offset, lsn) after ``start`` holding a valid record with LSN >= min_lsn.
+
+    Used to tell a torn tail (nothing valid follows the break) from corruption (valid
+    records follow it). Candidates are pre-filtered on the cheap fields first."""
+    limit = last_nonzero_end(buf, start)
+    unpack = RECORD_HEADER.unpack_from
+    for pos in range(start + 1, limit - RECORD_HEADER_SIZE + 1):
+        stored, length, rlsn, rtype = unpack(buf, pos)
+        if rtype not in VALID_TYPES or not min_lsn <= rlsn < min_lsn + (1 << 32):
+            continue
+        end = pos + RECORD_HEADER_SIZE + length
+        if length > MAX_RECORD_BYTES or end > len(buf) or buf[pos + 17 : pos + 20] != b"\0\0\0":
+            continue
+        if crc(memoryview(buf)[pos + 4 : end], salt) == stored:
+            return pos, rlsn
+    return None

@@ -1,0 +1,189 @@
+"""State shared by every process that has one log open, and the locks that guard it.
+
+The state lives in an mmap'd file (``shm`` in the log's directory), like SQLite's
+``-shm``: it is a cache of what the segments say, never trusted after a crash. The first
+process to open the log (the one that gets the attach lock exclusively) rebuilds it from
+disk; later ones attach to it.
+
+Two regions, each with its own lock so appenders and the group-commit flusher do not
+serialise on each other:
+- the write region (append lock): active segment, its salt, the append offset, the next
+  LSN, bytes in sealed segments, and an *intent* that says an append or a roll-over was
+  started; a process killed inside the append lock leaves the intent set and the next
+  holder cleans up after it (so a half record never ends up in the middle of the log).
+- the sync region (sync lock): the high water mark (every LSN below it is durable) and
+  the poisoned flag (an fsync failed; nothing more is acknowledged).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+import threading
+from types import TracebackType
+from typing import NamedTuple
+
+from .format import crc
+
+SHM_SIZE = 4096
+_MAGIC = b"WALSHM\x00\x01"
+_HEAD = struct.Struct("<8sQ")  # magic, generation
+_WRITE = struct.Struct("<QIIQQQQI")  # +crc
+_WRITE_OFF = 64
+_SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
+_SYNC_OFF = 192
+
+INTENT_NONE = 0
+INTENT_APPEND = 1  # bytes [offset, pending_end) may hold a partial write of a dead process
+INTENT_ROLL = 2  # a roll-over to a new segment at next_lsn was started
+
+
+class WriteState(NamedTuple):
+    active: int  # first LSN of the active segment
+    salt: int  # the active segment's salt
+    intent: int
+    offset: int  # where the next record goes in the active segment
+    next_lsn: int
+    sealed_bytes: int  # bytes in every segment but the active one
+    pending_end: int  # with INTENT_APPEND: end of the region being written
+
+
+class TornStateError(Exception):
+    """The write region failed its checksum: a process died while updating it."""
+
+
+class SharedState:
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < SHM_SIZE:
+            os.ftruncate(self._fd, SHM_SIZE)
+        self._mm = mmap.mmap(self._fd, SHM_SIZE)
+
+    def close(self) -> None:
+        self._mm.close()
+        os.close(self._fd)
+
+    # -- whole-state lifecycle (only under the exclusive attach lock) --
+    def initialise(self, state: WriteState, synced_lsn: int) -> None:
+        self._mm[:SHM_SIZE] = bytes(SHM_SIZE)
+        self.set_write(state)
+        self.set_sync(synced_lsn, poisoned=False)
+        _HEAD.pack_into(self._mm, 0, _MAGIC, int.from_bytes(os.urandom(8), "little"))
+
+    def invalidate(self) -> None:
+        _HEAD.pack_into(self._mm, 0, b"\0" * 8, 0)
+
+    def is_valid(self) -> bool:
+        magic, _gen = _HEAD.unpack_from(self._mm, 0)
+        return bool(magic == _MAGIC)
+
+    # -- write region --
+    def write_state(self) -> WriteState:
+        """The write region; raises TornStateError if its checksum fails."""
+        *fields, stored = _WRITE.unpack_from(self._mm, _WRITE_OFF)
+        if crc(self._mm[_WRITE_OFF : _WRITE_OFF + _WRITE.size - 4]) != stored:
+            raise TornStateError("shared write state checksum mismatch")
+        return WriteState(*fields)
+
+    def write_state_snapshot(self, tries: int = 1000) -> WriteState:
+        """A consistent read without the append lock (retries while a writer updates)."""
+        for _ in range(tries):
+            try:
+                return self.write_state()
+            except TornStateError:
+                continue
+        raise TornStateError("shared write state stayed inconsistent")
+
+    def set_write(self, state: WriteState) -> None:
+        raw = _WRITE.pack(*state, 0)[:-4]
+        # One memcpy of the whole region, checksum included.
+        self._mm[_WRITE_OFF : _WRITE_OFF + _WRITE.size] = raw + struct.pack("<I", crc(raw))
+
+    # -- sync region --
+    def synced_lsn(self) -> int:
+        return int(_SYNC.unpack_from(self._mm, _SYNC_OFF)[0])
+
+    def poisoned(self) -> bool:
+        return bool(_SYNC.unpack_from(self._mm, _SYNC_OFF)[1])
+
+    def set_sync(self, synced_lsn: int, poisoned: bool) -> None:
+        _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, int(poisoned))
+
+
+class FileLock:
+    """An exclusive flock(2) plus a thread lock: flock alone does not exclude threads
+    that share the descriptor."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._thread = threading.Lock()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if not self._thread.acquire(blocking):
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            self._thread.release()
+            return False
+        except BaseException:
+            self._thread.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread.release()
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class AttachLock:
+    """Shared by every process that has the log open; exclusive while one recovers."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def try_exclusive(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def shared(self) -> None:
+        # Converting EX -> SH is not atomic (flock(2)); callers re-check the state after.
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def others_attached(path: str) -> bool:
+    """True if some process has the log at ``path`` (its LOCK file) open right now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe lock if we got it
+    return False

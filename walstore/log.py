@@ -9,6 +9,7 @@ written so far, and the others find their records already covered.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import threading
 import time
@@ -396,7 +397,7 @@ class Wal:
         with self._wlock:
             st = self._writable_state()
             firsts = list_segments(self._fs, self._dir)
-            doomed = [f for f, nxt in zip(firsts, firsts[1:], strict=False) if nxt <= lwm]
+            doomed = [f for f, nxt in itertools.pairwise(firsts) if nxt <= lwm]
             doomed = [f for f in doomed if f != st.active]
             freed = 0
             for first in doomed:

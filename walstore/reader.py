@@ -74,7 +74,9 @@ class Reader:
                 self._next_segment()  # zeros or end of file: this segment's data ends
         return out
 
-    def _parse(self, buf: bytes, limit: int, max_records: int, out: list[Record]) -> tuple[int, int]:
+    def _parse(
+        self, buf: bytes, limit: int, max_records: int, out: list[Record]
+    ) -> tuple[int, int]:
         """Parse whole records; returns (bytes used, bytes needed for the next record)."""
         unpack = RECORD_HEADER.unpack_from
         view = memoryview(buf)

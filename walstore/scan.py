@@ -14,6 +14,7 @@ from .format import (
     crc,
 )
 
+
 class Record(NamedTuple):
     lsn: int
     payload: bytes
@@ -30,7 +31,7 @@ class Stop(NamedTuple):
 class ScanResult(NamedTuple):
     end: int  # offset just past the last valid record
     next_lsn: int
-    count: int
+    n_records: int
     stop: Stop | None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import secrets
 
@@ -54,7 +56,7 @@ def check_chain(
 ) -> dict[int, SegmentHeader]:
     """Every header valid, and each segment names its predecessor: no gap in between."""
     headers = {f: read_header(fs, directory, f, wal_id) for f in firsts}
-    for prev, cur in zip(firsts, firsts[1:], strict=False):
+    for prev, cur in itertools.pairwise(firsts):
         if headers[cur].prev_first_lsn != prev:
             missing = headers[cur].prev_first_lsn
             what = "none" if missing == NO_PREVIOUS else segment_name(missing)
@@ -97,9 +99,7 @@ def create_segment(
         fs.fsync_dir(directory)
     except BaseException:
         fs.close(fd)
-        try:
+        with contextlib.suppress(OSError):
             fs.unlink(tmp)
-        except OSError:
-            pass
         raise
     return fd, salt

@@ -1,0 +1,111 @@
+"""``walstore status|dump|verify|repair``: the operator's view of a log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import WalError
+from .inspect import dump, snapshot, verify
+from .repair import repair
+
+
+def _status(args: argparse.Namespace) -> int:
+    snap = snapshot(args.dir)
+    if args.json:
+        print(json.dumps(snap.as_dict(), sort_keys=True))
+        return 0
+    rows = [
+        ("wal id", snap.wal_id),
+        ("segments", snap.segments),
+        ("bytes", snap.bytes),
+        ("first LSN", snap.first_lsn),
+        ("next LSN", snap.next_lsn),
+        ("low water mark", snap.low_water_mark),
+        ("high water mark", snap.high_water_mark),
+        ("pending", snap.pending),
+        ("in use", "yes (live figures)" if snap.live else "no (read from disk)"),
+    ]
+    for name, value in rows:
+        print(f"{name:<16} {value}")
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    for rec in dump(args.dir, args.from_lsn):
+        try:
+            text: str | None = rec.payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if args.json:
+            doc: dict[str, object] = {"lsn": rec.lsn}
+            if text is None:
+                doc["payload_hex"] = rec.payload.hex()
+                doc["payload"] = None
+            else:
+                doc["payload"] = text
+            print(json.dumps(doc, ensure_ascii=False))
+        else:
+            print(f"{rec.lsn}\t{text if text is not None else rec.payload.hex()}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify(args.dir)
+    for p in report.problems:
+        level = "CORRUPT" if p.fatal else "warning"
+        print(f"{level}: segment {p.segment} offset {p.offset}: {p.reason}", file=sys.stderr)
+    verdict = "ok" if report.ok else "CORRUPT"
+    print(f"{verdict}: {report.segments} segments, {report.records} records checked")
+    return 0 if report.ok else 1
+
+
+def _repair(args: argparse.Namespace) -> int:
+    report = repair(args.dir)
+    if not report.changed:
+        print("nothing to repair")
+        return 0
+    print(f"rewrote: {', '.join(report.rewritten)}; originals kept in {report.backup_dir}")
+    if report.cut_bytes:
+        print(f"cut {report.cut_bytes} bytes of torn tail")
+    for start, end in report.lost:
+        print(f"LOST: LSN {start}..{end - 1} ({end - start} records) could not be recovered")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="walstore", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="segments, bytes, LSNs, watermarks, pending")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("dump", help="print records up to the high water mark")
+    p.add_argument("dir")
+    p.add_argument("--from", dest="from_lsn", type=int, default=None, metavar="LSN")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.set_defaults(func=_dump)
+    p = sub.add_parser("verify", help="check every record; non-zero exit on corruption")
+    p.add_argument("dir")
+    p.set_defaults(func=_verify)
+    p = sub.add_parser("repair", help="offline: salvage what verifies, cut torn tails")
+    p.add_argument("dir")
+    p.set_defaults(func=_repair)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (WalError, OSError) as exc:
+        print(f"walstore {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

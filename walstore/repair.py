@@ -1,0 +1,192 @@
+"""Offline repair: the only way past corruption that open refuses.
+
+Salvages every record that still verifies. Whatever cannot be read is replaced by
+*lost* placeholder records (type 2) so LSNs stay contiguous; readers skip them and the
+report lists their LSNs so an operator can chase the affected entries. A torn tail of the
+newest segment is cut, as open would. Every segment rewritten is first copied, untouched,
+to ``repair-<time>/`` in the log directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+from .errors import CorruptLogError, LogBusyError
+from .format import (
+    NO_PREVIOUS,
+    SEGMENT_HEADER_SIZE,
+    TYPE_LOST,
+    pack_record,
+    pack_segment_header,
+    segment_name,
+    unpack_segment_header,
+)
+from .fs import OsFs
+from .recovery import load_meta, read_checkpoint, remove_temp_files, write_checkpoint
+from .scan import check_record, find_valid_after
+from .segments import list_segments, segment_path
+from .shm import AttachLock
+
+
+@dataclass
+class RepairReport:
+    lost: list[tuple[int, int]] = field(default_factory=list)  # [start, end) LSN ranges
+    rewritten: list[str] = field(default_factory=list)
+    cut_bytes: int = 0
+    backup_dir: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rewritten)
+
+
+@dataclass
+class _Salvage:
+    """The records of one segment after salvage: (lsn, type, payload)."""
+
+    first: int
+    records: list[tuple[int, int, bytes]]
+    end_lsn: int
+    damaged: bool
+
+
+def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
+    fs = fs or OsFs()
+    lock = AttachLock(os.path.join(directory, "LOCK"))
+    try:
+        if not lock.try_exclusive():
+            raise LogBusyError(f"{directory} is open in another process: stop it, then repair")
+        return _repair(fs, directory)
+    finally:
+        lock.close()
+
+
+def _repair(fs: OsFs, directory: str) -> RepairReport:
+    remove_temp_files(fs, directory)
+    wal_id = load_meta(fs, directory, create=False)
+    firsts = list_segments(fs, directory)
+    report = RepairReport()
+    plan: list[_Salvage] = []
+    expected = firsts[0] if firsts else 0
+    for i, first in enumerate(firsts):
+        nxt = firsts[i + 1] if i + 1 < len(firsts) else None
+        if first > expected:  # a missing segment: fill its LSNs with placeholders
+            plan.append(_Salvage(expected, _lost(expected, first), first, True))
+            report.lost.append((expected, first))
+        elif first < expected:
+            raise CorruptLogError(
+                segment_name(first), 0, f"overlaps the previous segment (ends at {expected})"
+            )
+        salvage = _salvage(fs, directory, first, nxt, wal_id, report)
+        plan.append(salvage)
+        expected = salvage.end_lsn
+    prev = NO_PREVIOUS
+    for item in plan:
+        needs = item.damaged or _prev_of(fs, directory, item.first) != prev
+        if needs:
+            _rewrite(fs, directory, item, prev, wal_id, report)
+        prev = item.first
+    fs.fsync_dir(directory)
+    _repair_checkpoint(fs, directory, firsts[0] if firsts else 0, expected, report)
+    return report
+
+
+def _repair_checkpoint(
+    fs: OsFs, directory: str, first: int, end: int, report: RepairReport
+) -> None:
+    """Keep the low water mark within [first LSN on disk, end of the log]."""
+    try:
+        lwm = read_checkpoint(fs, directory)
+    except CorruptLogError:
+        lwm = first  # unreadable: re-deliver everything still on disk (idempotent)
+        write_checkpoint(fs, directory, lwm)
+        report.rewritten.append("CHECKPOINT")
+        return
+    if lwm < first:
+        report.lost.append((lwm, first))
+    fixed = min(max(lwm, first), end)
+    if fixed != lwm:
+        write_checkpoint(fs, directory, fixed)
+        report.rewritten.append("CHECKPOINT")
+
+
+def _lost(start: int, end: int) -> list[tuple[int, int, bytes]]:
+    return [(lsn, TYPE_LOST, b"") for lsn in range(start, end)]
+
+
+def _prev_of(fs: OsFs, directory: str, first: int) -> int | None:
+    path = segment_path(directory, first)
+    if not fs.exists(path):
+        return None
+    try:
+        return unpack_segment_header(fs.read_file(path)[:SEGMENT_HEADER_SIZE]).prev_first_lsn
+    except ValueError:
+        return None
+
+
+def _salvage(
+    fs: OsFs, directory: str, first: int, nxt: int | None, wal_id: bytes, report: RepairReport
+) -> _Salvage:
+    buf = fs.read_file(segment_path(directory, first))
+    try:
+        header = unpack_segment_header(buf[:SEGMENT_HEADER_SIZE])
+        if header.first_lsn != first or header.wal_id != wal_id:
+            raise ValueError("header does not match")
+    except ValueError:
+        if nxt is None:  # the newest: its records are unknowable; start it afresh
+            return _Salvage(first, [], first, True)
+        report.lost.append((first, nxt))
+        return _Salvage(first, _lost(first, nxt), nxt, True)
+    records: list[tuple[int, int, bytes]] = []
+    pos, lsn, damaged = SEGMENT_HEADER_SIZE, first, False
+    while pos < len(buf):
+        end, rtype, reason = check_record(buf, pos, header.salt, lsn)
+        if reason is None:
+            records.append((lsn, rtype, buf[pos + 20 : end]))
+            pos, lsn = end, lsn + 1
+            continue
+        found = find_valid_after(buf, pos, header.salt, lsn)
+        if found is None:
+            cut = len(buf[pos:].rstrip(b"\0"))
+            if cut:
+                damaged = True
+                report.cut_bytes += cut
+            break
+        damaged = True
+        report.lost.append((lsn, found[1]))
+        records.extend(_lost(lsn, found[1]))
+        pos, lsn = found
+    if nxt is not None and lsn < nxt:  # the segment's end was lost
+        damaged = True
+        report.lost.append((lsn, nxt))
+        records.extend(_lost(lsn, nxt))
+        lsn = nxt
+    elif nxt is not None and lsn > nxt:
+        raise CorruptLogError(segment_name(first), pos, f"runs past the next segment ({nxt})")
+    return _Salvage(first, records, lsn, damaged)
+
+
+def _rewrite(
+    fs: OsFs, directory: str, item: _Salvage, prev: int, wal_id: bytes, report: RepairReport
+) -> None:
+    if report.backup_dir is None:
+        report.backup_dir = os.path.join(directory, time.strftime("repair-%Y%m%dT%H%M%S"))
+        os.makedirs(report.backup_dir, mode=0o700, exist_ok=True)
+    path = segment_path(directory, item.first)
+    if fs.exists(path):
+        shutil.copy2(path, os.path.join(report.backup_dir, segment_name(item.first)))
+    salt = int.from_bytes(os.urandom(4), "little")
+    body = [pack_segment_header(salt, item.first, prev, wal_id)]
+    body += [pack_record(salt, lsn, payload, rtype) for lsn, rtype, payload in item.records]
+    tmp = path + ".tmp"
+    fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        fs.pwrite(fd, b"".join(body), 0)
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+    fs.rename(tmp, path)
+    report.rewritten.append(segment_name(item.first))

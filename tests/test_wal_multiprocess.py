@@ -68,13 +68,15 @@ def test_killed_appenders_leave_a_consistent_log(tmp_path: Path) -> None:
     assert report.ok, report.problems
     with Wal.open(wal_dir, Options(segment_bytes=SEGMENT)) as wal:
         records = list(wal.iter_from(0))
-    lsns = [r.lsn for r in records]
+    lsns = [lsn for lsn, _ in records]
     assert lsns == list(range(len(records))), "LSNs are not contiguous from 0"
-    tags = [r.payload.split(b"|", 1)[0].decode() for r in records]
+    tags = [payload.split(b"|", 1)[0].decode() for _, payload in records]
     assert len(set(tags)) == len(tags), "a record is present twice"
     by_lsn = dict(zip(lsns, tags, strict=True))
     missing = {lsn: tag for lsn, tag in acked.items() if by_lsn.get(lsn) != tag}
-    assert not missing, f"{len(missing)} acknowledged records missing or moved: {list(missing.items())[:5]}"
+    assert not missing, (
+        f"{len(missing)} acknowledged records missing or moved: {list(missing.items())[:5]}"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -96,5 +98,5 @@ def test_remnant_of_a_dead_appender_never_lands_mid_log(tmp_path: Path) -> None:
     assert wal.append(b"short") == 1
     wal.close()
     with Wal.open(tmp_path, Options(segment_bytes=SEGMENT)) as reopened:
-        assert [r.payload for r in reopened.iter_from(0)] == [b"before", b"short"]
+        assert [payload for _, payload in reopened.iter_from(0)] == [b"before", b"short"]
         assert reopened.next_lsn() == 2

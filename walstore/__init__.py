@@ -5,7 +5,7 @@ on-disk format and ``walstore.log.Wal`` for the API::
 
     with Wal.open("var/wal") as wal:
         lsn = wal.append(b"...")            # durable when it returns
-        for rec in wal.iter_from(wal.low_water_mark()):
+        for lsn, payload in wal.iter_from(wal.low_water_mark()):
             ...
         wal.set_low_water_mark(lsn + 1)     # checkpoint + prune
 """

@@ -34,21 +34,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    for rec in dump(args.dir, args.from_lsn):
+    for lsn, payload in dump(args.dir, args.from_lsn):
         try:
-            text: str | None = rec.payload.decode("utf-8")
+            text: str | None = payload.decode("utf-8")
         except UnicodeDecodeError:
             text = None
         if args.json:
-            doc: dict[str, object] = {"lsn": rec.lsn}
+            doc: dict[str, object] = {"lsn": lsn}
             if text is None:
-                doc["payload_hex"] = rec.payload.hex()
+                doc["payload_hex"] = payload.hex()
                 doc["payload"] = None
             else:
                 doc["payload"] = text
             print(json.dumps(doc, ensure_ascii=False))
         else:
-            print(f"{rec.lsn}\t{text if text is not None else rec.payload.hex()}")
+            print(f"{lsn}\t{text if text is not None else payload.hex()}")
     return 0
 
 

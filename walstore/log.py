@@ -36,6 +36,7 @@ from .shm import (
     INTENT_NONE,
     INTENT_ROLL,
     AttachLock,
+    CommitGate,
     FileLock,
     SharedState,
     TornStateError,
@@ -75,7 +76,7 @@ class Wal:
         self._attach = AttachLock(join(self._dir, "LOCK"))
         self._shm = SharedState(join(self._dir, "shm"))
         self._wlock = FileLock(join(self._dir, "append.lock"))
-        self._slock = FileLock(join(self._dir, "sync.lock"))
+        self._gate = CommitGate(join(self._dir, "sync.lock"), join(self._dir, "gate.lock"))
         try:
             self._attach_and_recover()
             self.wal_id = load_meta(self._fs, self._dir, create=False).hex()
@@ -246,10 +247,7 @@ class Wal:
     def _writable_state(self) -> WriteState:
         """The write state, after cleaning up what a dead appender left (append lock held)."""
         if self._shm.poisoned():
-            raise LogPoisonedError(
-                f"the log in {self._dir} is poisoned by an earlier fsync/write failure; "
-                "stop every process using it and reopen"
-            )
+            raise self._poisoned_error()
         try:
             st = self._shm.write_state()
         except TornStateError:
@@ -330,30 +328,62 @@ class Wal:
         return new
 
     def _flush(self, end: int, force: bool) -> int:
-        """Make every LSN below ``end`` durable (group commit); returns the HWM."""
-        shm = self._shm
-        if shm.synced_lsn() >= end and not force:
-            return shm.synced_lsn()
-        with self._slock:
-            if shm.poisoned():
-                raise LogPoisonedError(
-                    f"the log in {self._dir} is poisoned: an fsync failed, so records may "
-                    "be lost; nothing more is acknowledged until it is reopened"
-                )
+        """Make every LSN below ``end`` durable (group commit); returns the HWM.
+
+        Whoever becomes leader flushes for everyone written so far; the others wait for
+        that flush to end and re-check (see shm.CommitGate)."""
+        shm, gate = self._shm, self._gate
+        spins = 0
+        while True:
             synced = shm.synced_lsn()
             if synced >= end and not force:
                 return synced
-            snap = shm.write_state_snapshot()
-            if self._opts.sync is SyncPolicy.ALWAYS or force:
+            if gate.try_lead():
                 try:
-                    self._fs.fdatasync(self._fd(snap.active))
-                except OSError as exc:
-                    raise self._io_error("fsync", exc) from exc
-            # Every record below snap.next_lsn was written before the snapshot was taken,
-            # and sealed segments were fsync'd when they were sealed.
-            synced = max(synced, snap.next_lsn)
-            shm.set_sync(synced, poisoned=False)
+                    return self._lead_flush(end, force)
+                finally:
+                    gate.end_lead()
+            if shm.poisoned():
+                raise self._poisoned_error()
+            gate.wait()
+            spins += 1
+            if spins % 8 == 0:
+                # A new leader may hold the lead lock but not yet the gate (or be
+                # preempted in between): let it run instead of spinning on it.
+                time.sleep(0.0001)
+
+    def _lead_flush(self, end: int, force: bool) -> int:
+        shm = self._shm
+        if shm.poisoned():
+            raise self._poisoned_error()
+        synced = shm.synced_lsn()
+        if synced >= end and not force:
             return synced
+        always = self._opts.sync is SyncPolicy.ALWAYS
+        if always and self._opts.commit_delay and shm.last_batch() > 1:
+            # Others are appending too: let their records land so this flush covers them
+            # (PostgreSQL's commit_delay/commit_siblings). Fewer flushes leave the CPU to
+            # the appenders; a lone appender never waits.
+            time.sleep(self._opts.commit_delay)
+        snap = shm.write_state_snapshot()
+        if always or force:
+            try:
+                self._fs.fdatasync(self._fd(snap.active))
+            except OSError as exc:
+                raise self._io_error("fsync", exc) from exc
+            shm.set_last_batch(snap.next_lsn - synced)
+        # Every record below snap.next_lsn was written before the snapshot was taken, and
+        # sealed segments were fsync'd when they were sealed.
+        synced = max(synced, snap.next_lsn)
+        shm.set_sync(synced, poisoned=False)
+        return synced
+
+    def _poisoned_error(self) -> LogPoisonedError:
+        return LogPoisonedError(
+            f"the log in {self._dir} is poisoned: an fsync or write failed, so records may "
+            "be lost; nothing more is acknowledged until every process using it has closed "
+            "it and it is reopened"
+        )
 
     def _io_error(self, what: str, exc: OSError) -> WalError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) and what == "write":
@@ -417,7 +447,7 @@ class Wal:
             self._fds.clear()
         self._shm.close()
         self._wlock.close()
-        self._slock.close()
+        self._gate.close()
         self._attach.close()
 
     def _abandon(self) -> None:

@@ -6,6 +6,8 @@ import os
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 
+import crc32c as _crc32c
+
 from .errors import CorruptLogError, LsnOutOfRangeError
 from .format import (
     MAX_RECORD_BYTES,
@@ -14,7 +16,6 @@ from .format import (
     SEGMENT_HEADER_SIZE,
     TYPE_DATA,
     VALID_TYPES,
-    crc,
     segment_name,
     unpack_segment_header,
 )
@@ -55,7 +56,7 @@ class Reader:
             yield from batch
 
     def read(self, max_records: int = 4096, hwm: int | None = None) -> list[Record]:
-        """Up to ``max_records`` records in [next_lsn, high water mark)."""
+        """Up to ``max_records`` (lsn, payload) records in [next_lsn, high water mark)."""
         limit = self._hwm() if hwm is None else hwm
         out: list[Record] = []
         need = CHUNK
@@ -78,7 +79,8 @@ class Reader:
         self, buf: bytes, limit: int, max_records: int, out: list[Record]
     ) -> tuple[int, int]:
         """Parse whole records; returns (bytes used, bytes needed for the next record)."""
-        unpack = RECORD_HEADER.unpack_from
+        unpack, crc32c = RECORD_HEADER.unpack_from, _crc32c.crc32c
+        append = out.append
         view = memoryview(buf)
         pos, lsn, want, salt, size = 0, self._cur, self.next_lsn, self._salt, len(buf)
         needed = 0
@@ -92,12 +94,16 @@ class Reader:
                     self._corrupt(pos, f"record length {length} exceeds the limit")
                 needed = end - pos
                 break
-            if rlsn != lsn or rtype not in VALID_TYPES or crc(view[pos + 4 : end], salt) != stored:
+            if (
+                rlsn != lsn
+                or rtype not in VALID_TYPES
+                or crc32c(view[pos + 4 : end], salt) != stored
+            ):
                 if stored == length == rlsn == rtype == 0:
                     break  # zeros: this segment's data ends here
                 self._corrupt(pos, "record failed verification (LSN, type or checksum)")
             if rtype == TYPE_DATA and lsn >= want:
-                out.append(Record(lsn, buf[pos + RECORD_HEADER_SIZE : end]))
+                append((lsn, buf[pos + RECORD_HEADER_SIZE : end]))
             pos, lsn = end, lsn + 1
         self._pos += pos
         self._cur = lsn

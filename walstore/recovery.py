@@ -71,9 +71,11 @@ def remove_temp_files(fs: OsFs, directory: str) -> None:
 def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes, int]:
     """Recover the log; returns (write state, WAL id, low water mark)."""
     remove_temp_files(fs, directory)
-    wal_id = load_meta(fs, directory, create=True)
-    lwm = read_checkpoint(fs, directory)
     firsts = list_segments(fs, directory)
+    # Only a new log gets an id: segments without META mean damage, and a fresh id would
+    # make every one of them fail validation for good.
+    wal_id = load_meta(fs, directory, create=not firsts)
+    lwm = read_checkpoint(fs, directory)
     if not firsts:
         if lwm:
             raise CorruptLogError(CHECKPOINT, 0, f"low water mark {lwm} but no segment exists")

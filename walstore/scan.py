@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import crc32c as _crc32c
+
 from .format import (
     MAX_RECORD_BYTES,
     RECORD_HEADER,
@@ -14,10 +16,9 @@ from .format import (
     crc,
 )
 
-
-class Record(NamedTuple):
-    lsn: int
-    payload: bytes
+# A record as readers see it: (lsn, payload). A plain tuple, not a NamedTuple: building a
+# NamedTuple costs ~0.3 us more per record, a third of the read path (bench/wal.py).
+Record = tuple[int, bytes]
 
 
 class Stop(NamedTuple):
@@ -61,22 +62,40 @@ def scan(
 ) -> ScanResult:
     """Validate records from ``start`` until the buffer ends or one fails.
 
-    If ``records`` is given, data records are appended to it."""
-    pos, lsn, count = start, first_lsn, 0
-    size = len(buf)
-    while pos < size:
-        end, rtype, reason = check_record(buf, pos, salt, lsn)
-        if reason is not None:
-            return ScanResult(pos, lsn, count, Stop(pos, reason, not any_nonzero(buf, pos)))
+    If ``records`` is given, data records are appended to it. The loop is inlined (this
+    runs over a whole segment at open); check_record explains a failure."""
+    unpack, crc32c = RECORD_HEADER.unpack_from, _crc32c.crc32c
+    view = memoryview(buf)
+    pos, lsn, size, hsize = start, first_lsn, len(buf), RECORD_HEADER_SIZE
+    while pos + hsize <= size:
+        stored, length, rlsn, rtype = unpack(buf, pos)
+        end = pos + hsize + length
+        if (
+            rlsn != lsn
+            or end > size
+            or rtype not in VALID_TYPES
+            or length > MAX_RECORD_BYTES
+            or crc32c(view[pos + 4 : end], salt) != stored
+        ):
+            break
         if records is not None and rtype == TYPE_DATA:
-            records.append(Record(lsn, buf[pos + RECORD_HEADER_SIZE : end]))
-        pos, lsn, count = end, lsn + 1, count + 1
-    return ScanResult(pos, lsn, count, None)
+            records.append((lsn, buf[pos + hsize : end]))
+        pos, lsn = end, lsn + 1
+    if pos >= size:
+        return ScanResult(pos, lsn, lsn - first_lsn, None)
+    _end, _type, reason = check_record(buf, pos, salt, lsn)
+    stop = Stop(pos, reason or "incomplete record", not any_nonzero(buf, pos))
+    return ScanResult(pos, lsn, lsn - first_lsn, stop)
 
 
 def any_nonzero(buf: bytes, start: int) -> bool:
-    """True if any byte from ``start`` on is not zero."""
-    return bool(buf[start:].strip(b"\0"))
+    """True if any byte from ``start`` on is not zero (in 1 MiB steps: no big copies)."""
+    step = 1 << 20
+    for i in range(start, len(buf), step):
+        chunk = buf[i : i + step]
+        if chunk.count(0) != len(chunk):
+            return True
+    return False
 
 
 def last_nonzero_end(buf: bytes, start: int) -> int:

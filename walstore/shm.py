@@ -34,6 +34,8 @@ _WRITE = struct.Struct("<QIIQQQQI")  # +crc
 _WRITE_OFF = 64
 _SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
 _SYNC_OFF = 192
+_BATCH = struct.Struct("<I")
+_BATCH_OFF = 256
 
 INTENT_NONE = 0
 INTENT_APPEND = 1  # bytes [offset, pending_end) may hold a partial write of a dead process
@@ -111,6 +113,14 @@ class SharedState:
     def set_sync(self, synced_lsn: int, poisoned: bool) -> None:
         _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, int(poisoned))
 
+    # How many records the last flush covered (written by the flush leader only): a hint
+    # that other appenders are active, so the next leader may wait a little for them.
+    def last_batch(self) -> int:
+        return int(_BATCH.unpack_from(self._mm, _BATCH_OFF)[0])
+
+    def set_last_batch(self, records: int) -> None:
+        _BATCH.pack_into(self._mm, _BATCH_OFF, min(records, 2**32 - 1))
+
 
 class FileLock:
     """An exclusive flock(2) plus a thread lock: flock alone does not exclude threads
@@ -148,6 +158,55 @@ class FileLock:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class CommitGate:
+    """Leader election for group commit, across threads and processes.
+
+    The leader holds ``lead`` (exclusive, taken without waiting) and ``gate``
+    (exclusive) while it flushes. Everyone else waits on ``gate`` in shared mode without
+    taking it (as PostgreSQL's LWLockAcquireOrWait): all waiters wake at once when the
+    flush ends, most find their records covered, and one of the rest becomes the next
+    leader. Nobody queues to take ``lead``, so there is no convoy of processes waking one
+    by one only to find there is nothing left to do.
+    """
+
+    def __init__(self, lead_path: str, gate_path: str) -> None:
+        self._lead = os.open(lead_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._gate = os.open(gate_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Waiting uses its own open file description: a shared flock on the leader's
+        # descriptor would convert the leader's exclusive lock instead of waiting.
+        self._wait = os.open(gate_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._thread = threading.Lock()
+
+    def try_lead(self) -> bool:
+        if not self._thread.acquire(blocking=False):
+            return False
+        try:
+            fcntl.flock(self._lead, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._thread.release()
+            return False
+        except BaseException:
+            self._thread.release()
+            raise
+        # Only waits for followers passing through their shared lock.
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        return True
+
+    def end_lead(self) -> None:
+        fcntl.flock(self._lead, fcntl.LOCK_UN)
+        fcntl.flock(self._gate, fcntl.LOCK_UN)
+        self._thread.release()
+
+    def wait(self) -> None:
+        """Sleep until the current flush (if any) ends."""
+        fcntl.flock(self._wait, fcntl.LOCK_SH)
+        fcntl.flock(self._wait, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in (self._lead, self._gate, self._wait):
+            os.close(fd)
 
 
 class AttachLock:

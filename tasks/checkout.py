@@ -10,7 +10,7 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from walstore import Options, Wal
 
@@ -19,8 +19,9 @@ from .entry import Entry, TaskSpec
 WAREHOUSE_TASK = "tasks.warehouse.reserve_stock"
 FINANCE_TASK = "tasks.finance.record_revenue"
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CURRENCY = re.compile(r"^[A-Za-z]{3}$")
+# Used with fullmatch: "$" alone would let a trailing newline through.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CURRENCY = re.compile(r"[A-Za-z]{3}")
 _FIELDS = {"purchase_id", "customer", "items", "total_cents", "currency"}
 MAX_ITEMS = 100
 
@@ -39,8 +40,19 @@ class Receipt:
     lsn: int
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_text(value: object, max_len: int) -> TypeGuard[str]:
+    """Non-blank, bounded, and encodable as UTF-8 (a lone surrogate is not)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > max_len:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def validate(purchase: object) -> dict[str, Any]:
@@ -53,10 +65,10 @@ def validate(purchase: object) -> dict[str, Any]:
     pid = purchase.get("purchase_id")
     if pid is None:
         pid = uuid.uuid4().hex
-    elif not isinstance(pid, str) or not _ID.match(pid):
+    elif not isinstance(pid, str) or not _ID.fullmatch(pid):
         raise InvalidPurchaseError("purchase_id", "1-64 letters, digits, '-' or '_'")
     customer = purchase.get("customer")
-    if not isinstance(customer, str) or not customer.strip() or len(customer) > 200:
+    if not _is_text(customer, 200):
         raise InvalidPurchaseError("customer", "a non-empty string of at most 200 characters")
     items = purchase.get("items")
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS:
@@ -66,7 +78,7 @@ def validate(purchase: object) -> dict[str, Any]:
     if not _is_int(total) or total < 0:
         raise InvalidPurchaseError("total_cents", "an integer >= 0")
     currency = purchase.get("currency")
-    if not isinstance(currency, str) or not _CURRENCY.match(currency):
+    if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
         raise InvalidPurchaseError("currency", "a 3-letter ISO 4217 code")
     return {
         "purchase_id": pid,
@@ -85,7 +97,7 @@ def _validate_item(index: int, item: object) -> dict[str, Any]:
     if unknown:
         raise InvalidPurchaseError(f"{where}.{unknown[0]}", "unknown field")
     sku, qty = item.get("sku"), item.get("qty")
-    if not isinstance(sku, str) or not sku.strip() or len(sku) > 64:
+    if not _is_text(sku, 64):
         raise InvalidPurchaseError(f"{where}.sku", "a non-empty string of at most 64 characters")
     if not _is_int(qty) or not 1 <= qty <= 1_000_000:
         raise InvalidPurchaseError(f"{where}.qty", "an integer from 1 to 1000000")
@@ -107,16 +119,17 @@ _lock = threading.Lock()
 _wals: dict[tuple[int, str], Wal] = {}
 
 
-def wal_for(directory: str | None = None) -> Wal:
+def wal_for(directory: str | None = None, options: Options | None = None) -> Wal:
     """This process's handle on the log in ``directory`` (default ``WAL_DIR``).
 
-    Keyed by pid, so a handle inherited through fork is never used by the child."""
+    Keyed by pid, so a handle inherited through fork is never used by the child.
+    ``options`` (default ``Options.from_env()``) only count for the first call."""
     path = os.path.abspath(directory or os.environ.get("WAL_DIR") or "./var/wal")
     key = (os.getpid(), path)
     with _lock:
         wal = _wals.get(key)
         if wal is None:
-            wal = _wals[key] = Wal.open(path, Options.from_env())
+            wal = _wals[key] = Wal.open(path, options or Options.from_env())
         return wal
 
 

@@ -100,3 +100,34 @@ def test_remnant_of_a_dead_appender_never_lands_mid_log(tmp_path: Path) -> None:
     with Wal.open(tmp_path, Options(segment_bytes=SEGMENT)) as reopened:
         assert [payload for _, payload in reopened.iter_from(0)] == [b"before", b"short"]
         assert reopened.next_lsn() == 2
+
+
+@pytest.mark.timeout(30)
+def test_flush_waits_for_a_preempted_writer_instead_of_failing(tmp_path: Path) -> None:
+    """An appender preempted in the middle of its shared-state update leaves the state torn
+    for as long as it is off the CPU (milliseconds on a loaded machine). A flush that needs
+    a snapshot must wait for it behind the append lock, not give up."""
+    import threading
+
+    wal = Wal.open(tmp_path, Options(segment_bytes=SEGMENT))
+    other = Wal.open(tmp_path, Options(segment_bytes=SEGMENT))  # the "preempted" process
+    wal.append(b"x")
+    st = wal._shm.write_state()
+    other._wlock.acquire()
+    off = 64  # the write region (walstore.shm._WRITE_OFF): break its checksum
+    wal._shm._mm[off + 8] ^= 0xFF
+
+    def finish_update() -> None:
+        time.sleep(0.3)
+        other._shm.set_write(st)
+        other._wlock.release()
+
+    t = threading.Thread(target=finish_update)
+    t.start()
+    started = time.monotonic()
+    assert wal.sync() == st.next_lsn
+    assert time.monotonic() - started >= 0.25  # it really waited for the writer
+    t.join()
+    assert wal.append(b"y") == st.next_lsn
+    other.close()
+    wal.close()

@@ -8,6 +8,7 @@ written so far, and the others find their records already covered.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -121,7 +122,7 @@ class Wal:
     def sync(self) -> int:
         """fdatasync everything written so far, whatever the policy; returns the HWM."""
         self._check_open()
-        return self._flush(self._shm.write_state_snapshot().next_lsn, force=True)
+        return self._flush(self._state_snapshot().next_lsn, force=True)
 
     def reader(self, from_lsn: int | None = None) -> Reader:
         """A reader positioned at ``from_lsn`` (default: the low water mark)."""
@@ -147,7 +148,7 @@ class Wal:
     def next_lsn(self) -> int:
         """The LSN the next append gets (records below may not be durable yet)."""
         self._check_open()
-        return self._shm.write_state_snapshot().next_lsn
+        return self._state_snapshot().next_lsn
 
     def high_water_mark(self) -> int:
         """Every LSN below this is durable; readers never go past it."""
@@ -170,7 +171,7 @@ class Wal:
     def status(self) -> Status:
         self._check_open()
         firsts = list_segments(self._fs, self._dir)
-        st = self._shm.write_state_snapshot()
+        st = self._state_snapshot()
         return Status(
             segments=len(firsts),
             bytes=st.sealed_bytes + st.offset,
@@ -194,7 +195,7 @@ class Wal:
             return
         try:
             if not self._shm.poisoned():
-                self._flush(self._shm.write_state_snapshot().next_lsn, force=True)
+                self._flush(self._state_snapshot().next_lsn, force=True)
         finally:
             self._closed = True
             self._release_handles()
@@ -235,7 +236,11 @@ class Wal:
             try:
                 self._fs.pwrite(self._fd(st.active), buf, st.offset)
             except OSError as exc:
-                # The intent stays set: the next holder zeroes whatever part was written.
+                # Zero whatever part of the batch landed before raising, so that no record
+                # of an append that raised can surface when the log is next recovered. If
+                # that fails too, the intent stays set and the next holder retries.
+                with contextlib.suppress(WalError, OSError):
+                    self._writable_state()
                 raise self._io_error("write", exc) from exc
             end = lsn + len(payloads)
             self._shm.set_write(
@@ -255,7 +260,10 @@ class Wal:
         if st.intent == INTENT_APPEND:
             fd = self._fd(st.active)
             try:
-                self._fs.pwrite(fd, bytes(st.pending_end - st.offset), st.offset)
+                # Only up to the file's end: past it nothing landed, and zeroing there
+                # could need new blocks on a full disk.
+                end = min(st.pending_end, self._fs.fsize(fd))
+                self._fs.pwrite(fd, bytes(max(0, end - st.offset)), st.offset)
                 self._fs.fdatasync(fd)
             except OSError as exc:
                 raise self._io_error("clean-up write", exc) from exc
@@ -264,6 +272,19 @@ class Wal:
         elif st.intent == INTENT_ROLL:
             st = self._roll(st)
         return st
+
+    def _state_snapshot(self) -> WriteState:
+        """The write state, read without the append lock when possible."""
+        try:
+            return self._shm.write_state_snapshot()
+        except TornStateError:
+            # A writer was preempted (or died) mid-update: wait for it behind the lock.
+            # Safe from the flush leader: no append-lock holder ever waits for the gate.
+            with self._wlock:
+                try:
+                    return self._shm.write_state()
+                except TornStateError:
+                    return self._rebuild_state()
 
     def _rebuild_state(self) -> WriteState:
         """A process died while updating the shared state: read it back from disk."""
@@ -313,6 +334,11 @@ class Wal:
                 self._opts.preallocate,
             )
         except OSError as exc:
+            if self._fs.exists(segment_path(self._dir, st.next_lsn)):
+                # Renamed into place but its directory fsync failed: the new segment may or
+                # may not survive a crash, and appending on to the old one would give its
+                # LSNs two homes. Only recovery can tell what is on disk.
+                raise self._io_error("segment creation", exc) from exc
             self._shm.set_write(st._replace(intent=INTENT_NONE))  # keep appending to the old
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LogFullError(f"no space for a new segment in {self._dir}: {exc}") from exc
@@ -365,7 +391,7 @@ class Wal:
             # (PostgreSQL's commit_delay/commit_siblings). Fewer flushes leave the CPU to
             # the appenders; a lone appender never waits.
             time.sleep(self._opts.commit_delay)
-        snap = shm.write_state_snapshot()
+        snap = self._state_snapshot()
         if always or force:
             try:
                 self._fs.fdatasync(self._fd(snap.active))

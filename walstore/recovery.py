@@ -92,6 +92,10 @@ def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes,
     newest = firsts[-1]
     salt = headers[newest].salt
     result = recover_tail(fs, directory, newest, salt)
+    # The crashed process may have renamed or unlinked files (a new segment, CHECKPOINT,
+    # a prune) and died before its directory fsync: make the directory as we found it
+    # durable before anything in it counts as below the high water mark.
+    fs.fsync_dir(directory)
     if result.next_lsn < lwm:
         raise CorruptLogError(
             segment_name(newest),

@@ -89,13 +89,17 @@ class SharedState:
             raise TornStateError("shared write state checksum mismatch")
         return WriteState(*fields)
 
-    def write_state_snapshot(self, tries: int = 1000) -> WriteState:
-        """A consistent read without the append lock (retries while a writer updates)."""
-        for _ in range(tries):
+    def write_state_snapshot(self, tries: int = 200) -> WriteState:
+        """A consistent read without the append lock (retries while a writer updates).
+
+        Raises TornStateError if it stays torn: the writer may have been preempted in the
+        middle of its update, or have died there. Callers then read under the lock."""
+        for attempt in range(tries):
             try:
                 return self.write_state()
             except TornStateError:
-                continue
+                if attempt % 16 == 15:
+                    os.sched_yield()
         raise TornStateError("shared write state stayed inconsistent")
 
     def set_write(self, state: WriteState) -> None:

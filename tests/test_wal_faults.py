@@ -1,0 +1,355 @@
+"""The fault matrix of the log anchors (etcd ``repair_test.go``, RocksDB ``log_test.cc``),
+on-disk half: each case damages a closed log the way a crash or a bad disk would, opens it,
+and asserts exactly which LSNs survive, or which CorruptLogError (segment, offset, reason)
+is raised. Injected I/O errors and kill points are in ``test_wal_io_faults.py``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from walstore import CorruptLogError, Options, SyncPolicy, Wal
+from walstore.format import RECORD_HEADER, SEGMENT_HEADER_SIZE, unpack_segment_header
+from walstore.inspect import verify
+
+pytestmark = pytest.mark.timeout(60)
+
+SEG = 4160
+PAY = 100  # payload bytes: 120-byte records
+
+
+def opts(**kw: Any) -> Options:
+    base: dict[str, Any] = {
+        "segment_bytes": SEG,
+        "preallocate": True,
+        "min_free_bytes": 0,
+        "sync": SyncPolicy.NONE,  # building and reading only; close() flushes
+    }
+    base.update(kw)
+    return Options(**base)
+
+
+def payload(lsn: int, size: int = PAY) -> bytes:
+    head = f"rec-{lsn}:".encode()
+    return head + bytes([1 + lsn % 250]) * max(0, size - len(head))
+
+
+def build(path: Path, count: int, size: int = PAY, **kw: Any) -> list[bytes]:
+    pays = [payload(i, size) for i in range(count)]
+    with Wal.open(path, opts(**kw)) as wal:
+        for p in pays:
+            wal.append(p)
+    return pays
+
+
+def read_all(wal: Wal) -> list[tuple[int, bytes]]:
+    return [(lsn, data) for lsn, data in wal.iter_from(wal.first_lsn())]
+
+
+def survivors(path: Path, **kw: Any) -> list[tuple[int, bytes]]:
+    with Wal.open(path, opts(**kw)) as wal:
+        return read_all(wal)
+
+
+def expected(pays: list[bytes], stop: int) -> list[tuple[int, bytes]]:
+    return [(i, pays[i]) for i in range(stop)]
+
+
+def segs(path: Path) -> list[Path]:
+    return sorted(path.glob("*.seg"))
+
+
+def layout(seg: Path) -> list[tuple[int, int, int]]:
+    """(lsn, start, end) of each record in an undamaged segment."""
+    raw = seg.read_bytes()
+    lsn = unpack_segment_header(raw[:SEGMENT_HEADER_SIZE]).first_lsn
+    out, pos = [], SEGMENT_HEADER_SIZE
+    while pos + RECORD_HEADER.size <= len(raw):
+        _crc, length, rlsn, rtype = RECORD_HEADER.unpack_from(raw, pos)
+        if rtype == 0 or rlsn != lsn:
+            break
+        out.append((lsn, pos, pos + RECORD_HEADER.size + length))
+        pos, lsn = pos + RECORD_HEADER.size + length, lsn + 1
+    return out
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def flip(path: Path, offset: int, bit: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << bit)]))
+
+
+def torn_files(path: Path) -> list[Path]:
+    return sorted((path / "torn").glob("*.bin")) if (path / "torn").exists() else []
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def assert_refused(path: Path, segment: str, offset: int, reason: str) -> CorruptLogError:
+    """Open refuses with exactly this error and changes nothing on disk."""
+    before = {k: v for k, v in files(path).items() if k != "shm"}
+    with pytest.raises(CorruptLogError) as info:
+        Wal.open(path, opts())
+    err = info.value
+    assert (err.segment, err.offset) == (segment, offset), str(err)
+    assert err.reason.startswith(reason), err.reason
+    assert {k: v for k, v in files(path).items() if k != "shm"} == before
+    assert torn_files(path) == []
+    return err
+
+
+def assert_torn(path: Path, seg: Path, offset: int, cut: bytes) -> None:
+    """One torn-tail copy, named after the segment and offset, holding ``cut``."""
+    torn = torn_files(path)
+    assert [p.read_bytes() for p in torn] == [cut]
+    assert torn[0].name.startswith(f"{seg.name}-{offset}-")
+    assert (torn[0].stat().st_mode & 0o777, (path / "torn").stat().st_mode & 0o777) == (
+        0o600,
+        0o700,
+    )
+
+
+# ----------------------------------------------------------------- torn last record
+@pytest.mark.parametrize("preallocate", [False, True], ids=["file-cut", "tail-zeroed"])
+def test_last_record_torn_at_every_byte_offset(tmp_path: Path, preallocate: bool) -> None:
+    base = tmp_path / "base"
+    pays = build(base, 100, size=24, preallocate=preallocate)  # two segments
+    seg = segs(base)[-1]
+    lsn, start, end = layout(seg)[-1]
+    assert (lsn, len(segs(base))) == (99, 2)
+    original = seg.read_bytes()
+    for cut in range(start, end):
+        case = tmp_path / f"cut-{cut}"
+        shutil.copytree(base, case)
+        damaged = case / seg.name
+        if preallocate:  # the write reached the disk up to ``cut``; zeros after it
+            patch(damaged, cut, bytes(end - cut))
+        else:  # the file ends at ``cut``
+            os.truncate(damaged, cut)
+        with Wal.open(case, opts(preallocate=preallocate)) as wal:
+            assert read_all(wal) == expected(pays, 99), f"cut at {cut}"
+            assert wal.next_lsn() == wal.high_water_mark() == 99
+            assert wal.append(b"again") == 99
+        kept = original[start:cut].rstrip(b"\0")
+        if kept:
+            assert_torn(case, damaged, start, kept)
+        else:
+            assert torn_files(case) == [], f"cut at {cut}"
+        assert survivors(case)[-2:] == [(98, pays[98]), (99, b"again")]
+        assert verify(str(case)).ok
+        shutil.rmtree(case)
+
+
+# ----------------------------------------------------------------- zeroed sectors
+def test_zeroed_sector_in_the_tail_is_cut(tmp_path: Path) -> None:
+    pays = build(tmp_path, 20)  # one preallocated segment, data up to 64 + 20 * 120
+    seg = segs(tmp_path)[0]
+    sector = 2048
+    lsn, start, _end = next(r for r in layout(seg) if r[2] > sector)
+    original = seg.read_bytes()
+    patch(seg, sector, bytes(512))
+    assert survivors(tmp_path) == expected(pays, lsn)
+    assert_torn(tmp_path, seg, start, original[start:sector])
+    assert seg.read_bytes()[start:] == bytes(SEG - start)  # cut back to zeros
+
+
+def test_zeroed_sector_in_the_middle_of_the_active_segment_refuses_open(tmp_path: Path) -> None:
+    build(tmp_path, 20)
+    seg = segs(tmp_path)[0]
+    records = layout(seg)
+    _lsn, start, _end = next(r for r in records if r[2] > 512)
+    next_lsn, next_start, _ = next(r for r in records if r[1] >= 1024)
+    patch(seg, 512, bytes(512))
+    err = assert_refused(tmp_path, seg.name, start, "record checksum mismatch")
+    assert f"a valid record (LSN {next_lsn}) follows at offset {next_start}" in err.reason
+    report = verify(str(tmp_path))
+    assert [(p.segment, p.offset, p.fatal) for p in report.problems] == [(seg.name, start, True)]
+
+
+def test_zeroed_sector_in_a_sealed_segment_is_found_by_readers(tmp_path: Path) -> None:
+    # Open checks sealed segments from their headers only (no full scan at open); the
+    # reader and verify find the damage, with segment and offset.
+    pays = build(tmp_path, 60)
+    first = segs(tmp_path)[0]
+    lsn, start, _end = next(r for r in layout(first) if r[2] > 512)
+    patch(first, 512, bytes(512))
+    with Wal.open(tmp_path, opts()) as wal:
+        reader = wal.reader(0)
+        got = []
+        with pytest.raises(CorruptLogError) as info:
+            for _ in range(100):
+                got += reader.read(1)
+        reader.close()
+    assert got == expected(pays, lsn)
+    assert (info.value.segment, info.value.offset) == (first.name, start)
+    report = verify(str(tmp_path))
+    assert [(p.segment, p.offset, p.fatal) for p in report.problems] == [(first.name, start, True)]
+
+
+# ----------------------------------------------------------------- flipped bits
+FIELDS = {  # field of the last record -> (byte offset in the record, bit)
+    "crc": (0, 3),
+    "length": (4, 0),
+    "lsn": (8, 1),
+    "type": (16, 2),
+    "payload": (60, 5),
+}
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+def test_bit_flip_in_the_tail_record_is_cut(tmp_path: Path, field: str) -> None:
+    pays = build(tmp_path, 50)
+    seg = segs(tmp_path)[-1]
+    lsn, start, end = layout(seg)[-1]
+    where, bit = FIELDS[field]
+    flip(seg, start + where, bit)
+    damaged = seg.read_bytes()[start:end]
+    assert survivors(tmp_path) == expected(pays, lsn)
+    assert_torn(tmp_path, seg, start, damaged)
+
+
+@pytest.mark.parametrize("field", sorted(FIELDS))
+def test_bit_flip_mid_active_segment_refuses_open(tmp_path: Path, field: str) -> None:
+    build(tmp_path, 50)
+    seg = segs(tmp_path)[-1]
+    records = layout(seg)
+    lsn, start, _end = records[3]
+    where, bit = FIELDS[field]
+    flip(seg, start + where, bit)
+    reason = {
+        "crc": "record checksum mismatch",
+        "length": "record checksum mismatch",  # one byte longer: the checksum fails
+        "lsn": f"LSN {lsn ^ 2} where {lsn} was expected",
+        "type": "unknown record type 5",
+        "payload": "record checksum mismatch",
+    }[field]
+    err = assert_refused(tmp_path, seg.name, start, reason)
+    assert f"a valid record (LSN {lsn + 1}) follows at offset {records[4][1]}" in err.reason
+
+
+def test_bit_flip_in_a_sealed_segment_is_found_by_readers(tmp_path: Path) -> None:
+    pays = build(tmp_path, 60)
+    first = segs(tmp_path)[0]
+    lsn, start, _end = layout(first)[10]
+    flip(first, start + 50)
+    with Wal.open(tmp_path, opts()) as wal:
+        reader = wal.reader(0)
+        assert reader.read(lsn) == expected(pays, lsn)  # below the damage: fine
+        reader.close()
+        with pytest.raises(CorruptLogError) as info:
+            list(wal.iter_from(lsn))
+    assert (info.value.segment, info.value.offset) == (first.name, start)
+    assert "failed verification" in info.value.reason
+    assert not verify(str(tmp_path)).ok
+
+
+def test_bit_flip_in_a_segment_header_refuses_open(tmp_path: Path) -> None:
+    build(tmp_path, 60)
+    first = segs(tmp_path)[0]
+    flip(first, 20)  # inside the first-LSN field
+    assert_refused(tmp_path, first.name, 0, "segment header checksum mismatch")
+
+
+# ----------------------------------------------------------------- garbage, bad lengths
+def test_garbage_after_the_last_record_is_cut(tmp_path: Path) -> None:
+    pays = build(tmp_path, 10)
+    seg = segs(tmp_path)[0]
+    _lsn, _start, end = layout(seg)[-1]
+    garbage = bytes(range(1, 200))
+    patch(seg, end, garbage)
+    assert survivors(tmp_path) == expected(pays, 10)
+    assert_torn(tmp_path, seg, end, garbage)
+
+
+@pytest.mark.parametrize(
+    "length", [0xFFFFFFFF, 64 * 1024 * 1024 + 1, SEG], ids=["max", "over-limit", "past-eof"]
+)
+def test_bad_length_at_the_end_is_cut(tmp_path: Path, length: int) -> None:
+    pays = build(tmp_path, 10)
+    seg = segs(tmp_path)[0]
+    _lsn, _start, end = layout(seg)[-1]
+    header = RECORD_HEADER.pack(0x12345678, length, 10, 1)  # the expected next LSN
+    patch(seg, end, header)
+    assert survivors(tmp_path) == expected(pays, 10)
+    assert_torn(tmp_path, seg, end, header.rstrip(b"\0"))
+    with Wal.open(tmp_path, opts()) as wal:
+        assert wal.append(b"x") == 10
+
+
+def test_bad_length_in_the_middle_refuses_open(tmp_path: Path) -> None:
+    build(tmp_path, 10)
+    seg = segs(tmp_path)[0]
+    records = layout(seg)
+    _lsn, start, _end = records[4]
+    patch(seg, start + 4, struct.pack("<I", 2**31))
+    err = assert_refused(
+        tmp_path, seg.name, start, f"record length {2**31} exceeds the limit {64 * 1024 * 1024}"
+    )
+    assert f"(LSN 5) follows at offset {records[5][1]}" in err.reason
+
+
+# ----------------------------------------------------------------- missing files
+def test_missing_middle_segment_refuses_open(tmp_path: Path) -> None:
+    build(tmp_path, 130)
+    names = [p.name for p in segs(tmp_path)]
+    assert len(names) >= 4
+    (tmp_path / names[1]).unlink()
+    assert_refused(
+        tmp_path,
+        names[2],
+        0,
+        f"gap in the segment sequence: previous segment is {names[1]}, found {names[0]}",
+    )
+
+
+def test_missing_first_segment_refuses_open(tmp_path: Path) -> None:
+    build(tmp_path, 70)
+    names = [p.name for p in segs(tmp_path)]
+    (tmp_path / names[0]).unlink()
+    assert_refused(tmp_path, names[1], 0, "segments before it are missing (low water mark 0)")
+
+
+def test_missing_meta_refuses_open_and_keeps_the_log(tmp_path: Path) -> None:
+    build(tmp_path, 5)
+    (tmp_path / "META").unlink()
+    assert_refused(tmp_path, "META", 0, "META is missing")
+    assert not (tmp_path / "META").exists()
+
+
+def test_corrupt_checkpoint_refuses_open(tmp_path: Path) -> None:
+    pays = build(tmp_path, 70)
+    with Wal.open(tmp_path, opts()) as wal:
+        wal.set_low_water_mark(40)
+    flip(tmp_path / "CHECKPOINT", 2)
+    assert_refused(tmp_path, "CHECKPOINT", 0, "checkpoint checksum mismatch")
+    flip(tmp_path / "CHECKPOINT", 2)
+    assert survivors(tmp_path)[-1] == (69, pays[69])
+
+
+def test_leftover_temp_files_of_a_crashed_roll_over_are_removed(tmp_path: Path) -> None:
+    pays = build(tmp_path, 20)
+    # What a roll-over killed before its rename leaves: a half-written next segment.
+    (tmp_path / "00000000000000000020.seg.tmp").write_bytes(b"WALSEG\0\x01" + bytes(900))
+    (tmp_path / "CHECKPOINT.4242.tmp").write_bytes(b"\1" * 16)
+    with Wal.open(tmp_path, opts()) as wal:
+        assert read_all(wal) == expected(pays, 20)
+        assert wal.low_water_mark() == 0
+        assert wal.append(b"next") == 20
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    assert [p.name for p in segs(tmp_path)] == ["00000000000000000000.seg"]
+    assert survivors(tmp_path)[-1] == (20, b"next")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from faultfs import FaultFs, SimulatedCrash
 
-from walstore import LogFullError, LogPoisonedError, Options, SyncPolicy, Wal
+from walstore import LogFullError, LogPoisonedError, Options, SyncPolicy, Wal, WalError
 from walstore.inspect import verify
 
 pytestmark = pytest.mark.timeout(60)
@@ -155,9 +155,11 @@ def test_fsync_error_on_the_checkpoint_keeps_the_old_mark(tmp_path: Path) -> Non
         fill(wal, 3 * PER_SEGMENT)
         before = sorted(p.name for p in tmp_path.glob("*.seg"))
         fs.inject("fsync", errno.EIO, match="CHECKPOINT")
-        with pytest.raises(OSError) as info:
+        with pytest.raises(WalError, match="low water mark") as info:
             wal.set_low_water_mark(2 * PER_SEGMENT)
-        assert info.value.errno == errno.EIO
+        assert isinstance(info.value.__cause__, OSError)
+        assert info.value.__cause__.errno == errno.EIO
+        assert not list(tmp_path.glob("CHECKPOINT*.tmp"))  # the failed temp file is gone
         assert wal.low_water_mark() == 0
         assert sorted(p.name for p in tmp_path.glob("*.seg")) == before
         assert not wal.poisoned  # a new checkpoint file is written next time: retry

@@ -4,6 +4,7 @@ as RocksDB's FaultInjectionTestFS does."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -68,10 +69,15 @@ class OsFs:
         tmp = os.path.join(directory, f"{name}.{os.getpid()}.tmp")
         fd = self.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            self.pwrite(fd, data, 0)
-            self.fsync(fd)
-        finally:
-            self.close(fd)
+            try:
+                self.pwrite(fd, data, 0)
+                self.fsync(fd)
+            finally:
+                self.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.unlink(tmp)
+            raise
         self.rename(tmp, os.path.join(directory, name))
         self.fsync_dir(directory)
 

@@ -225,9 +225,11 @@ class Wal:
         size = sum(len(p) for p in payloads) + 20 * len(payloads)
         with self._wlock:
             st = self._writable_state()
-            if st.offset + size > self._opts.segment_bytes and st.offset > SEGMENT_HEADER_SIZE:
+            roll = st.offset + size > self._opts.segment_bytes and st.offset > SEGMENT_HEADER_SIZE
+            # Checked before rolling over, so that a refused append creates nothing.
+            self._check_cap(st, size + (SEGMENT_HEADER_SIZE if roll else 0))
+            if roll:
                 st = self._roll(st)
-            self._check_cap(st, size)
             lsn = st.next_lsn
             buf = b"".join(
                 pack_record(st.salt, lsn + i, bytes(p), TYPE_DATA) for i, p in enumerate(payloads)
@@ -444,7 +446,17 @@ class Wal:
             hwm = self._shm.synced_lsn()
             if lsn > hwm:
                 raise LsnOutOfRangeError(f"low water mark {lsn} past the high water mark {hwm}")
-            write_checkpoint(self._fs, self._dir, lsn)
+            if self._opts.sync is SyncPolicy.NONE:
+                # Without per-append fsyncs the HWM may be ahead of the disk; a checkpoint
+                # past what is durable would make the log refuse to open after a power cut.
+                self._flush(lsn, force=True)
+            try:
+                write_checkpoint(self._fs, self._dir, lsn)
+            except OSError as exc:
+                raise WalError(
+                    f"could not persist the low water mark {lsn} in {self._dir}: {exc}; "
+                    f"it stays at {current} (nothing is lost: retry later)"
+                ) from exc
             return self._prune(lsn)
 
     def _prune(self, lwm: int) -> int:

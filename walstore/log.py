@@ -388,18 +388,12 @@ class Wal:
         if synced >= end and not force:
             return synced
         always = self._opts.sync is SyncPolicy.ALWAYS
-        if always and self._opts.commit_delay and shm.last_batch() > 1:
-            # Others are appending too: let their records land so this flush covers them
-            # (PostgreSQL's commit_delay/commit_siblings). Fewer flushes leave the CPU to
-            # the appenders; a lone appender never waits.
-            time.sleep(self._opts.commit_delay)
         snap = self._state_snapshot()
         if always or force:
             try:
                 self._fs.fdatasync(self._fd(snap.active))
             except OSError as exc:
                 raise self._io_error("fsync", exc) from exc
-            shm.set_last_batch(snap.next_lsn - synced)
         # Every record below snap.next_lsn was written before the snapshot was taken, and
         # sealed segments were fsync'd when they were sealed.
         synced = max(synced, snap.next_lsn)

@@ -52,10 +52,6 @@ class Options:
     # Pre-fill new segments with zeros so fdatasync need not update the file size
     # (measured ~1.4x more flushes/s here); costs one segment of zero writes per roll.
     preallocate: bool = True
-    # Group commit: when the last flush covered several records (other appenders are
-    # active), the next flush leader waits this long (seconds) before its fdatasync so
-    # that it covers more of them. 0 disables. A lone appender never waits.
-    commit_delay: float = 0.0
     # Extra keyword for tests: the file layer (walstore.fs.OsFs by default).
     fs: object | None = field(default=None, compare=False, repr=False)
 

@@ -34,8 +34,6 @@ _WRITE = struct.Struct("<QIIQQQQI")  # +crc
 _WRITE_OFF = 64
 _SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
 _SYNC_OFF = 192
-_BATCH = struct.Struct("<I")
-_BATCH_OFF = 256
 
 INTENT_NONE = 0
 INTENT_APPEND = 1  # bytes [offset, pending_end) may hold a partial write of a dead process
@@ -116,14 +114,6 @@ class SharedState:
 
     def set_sync(self, synced_lsn: int, poisoned: bool) -> None:
         _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, int(poisoned))
-
-    # How many records the last flush covered (written by the flush leader only): a hint
-    # that other appenders are active, so the next leader may wait a little for them.
-    def last_batch(self) -> int:
-        return int(_BATCH.unpack_from(self._mm, _BATCH_OFF)[0])
-
-    def set_last_batch(self, records: int) -> None:
-        _BATCH.pack_into(self._mm, _BATCH_OFF, min(records, 2**32 - 1))
 
 
 class FileLock:

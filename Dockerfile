@@ -7,7 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md worker.py ./
+COPY pyproject.toml README.md worker.py flowerconfig.py ./
 COPY walstore ./walstore
 COPY tasks ./tasks
 RUN pip install . \

@@ -22,11 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from walstore import LogFullError, LogPoisonedError, RecordTooLargeError, Wal, WalError
+from walstore import LogFullError, LogPoisonedError, Options, RecordTooLargeError, Wal, WalError
 
 from . import checkout, web_schema
 from .checkout import InvalidPurchaseError
-from .metrics import CONTENT_TYPE_LATEST, render_web_metrics, web_metrics
+from .metrics import CONTENT_TYPE_LATEST, FsyncTimingFs, render_web_metrics, web_metrics
 from .web_middleware import BodyLimit, RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def create_app(
     ``wal`` returns the log to append to (default: this process's handle on ``wal_dir``,
     or on ``WAL_DIR``); ``ledger_status`` maps a purchase id to {target: "pending"|"done"}
     (default: ``tasks.ledger.status_of``)."""
-    get_wal: Callable[[], Wal] = wal or (lambda: checkout.wal_for(wal_dir))
+    get_wal = wal or _timed_wal(wal_dir)
     get_status = ledger_status or _default_ledger_status
     app = FastAPI(
         title="walpurchase",
@@ -154,6 +154,23 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_problem)
     web_schema.install_openapi(app)
     return app
+
+
+def _timed_wal(wal_dir: str | None) -> Callable[[], Wal]:
+    """This process's handle on the log (``checkout.wal_for``), opened with a file layer
+    that times each fdatasync for the ``wal_fsync_seconds`` histogram of /metrics.
+
+    The options are built on the first request, not here: the histogram must not exist
+    before the log is used (``app`` is created at import), and ``wal_for`` only reads
+    them when it opens the log anyway."""
+    options: list[Options] = []
+
+    def get() -> Wal:
+        if not options:
+            options.append(Options.from_env(fs=FsyncTimingFs()))
+        return checkout.wal_for(wal_dir, options[0])
+
+    return get
 
 
 async def _validation_problem(request: Request, exc: Exception) -> JSONResponse:

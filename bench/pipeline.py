@@ -1,0 +1,414 @@
+"""Pipeline benchmark: the log and the pump against plain ``.delay()``, same run, same Redis.
+
+    python -m bench.pipeline [--relay 4000] [--e2e 1000] [--rates 200,100] [--seconds 10]
+                             [--rounds 3] [--json out.json]
+
+Everything runs against a private redis-server on a free loopback port (no persistence)
+and a private ledger (SQLite, WAL mode, synchronous=FULL), in a temporary directory.
+- relay (workers stopped): purchases/s published. Baseline: a loop calling ``.delay()``
+  for the warehouse and the finance task of each purchase (task-sent events off, its
+  fastest setting). Pipeline: the pump (same code
+  as ``celery -A worker pump``, in this process so that start-up is not timed) relaying a
+  log pre-filled with the same number of purchases. Medians of ``--rounds`` rounds.
+- end to end (2 worker processes, ``-c 1`` each): purchases/s from the first call until
+  both effects of every purchase are in the ledger. Baseline: ``.delay()``; pipeline:
+  ``record_purchase`` (fsync'd appends) with ``celery -A worker pump`` running (it runs,
+  idle, during the baseline too). Rounds interleaved, medians.
+- latency: ``record_purchase`` at a steady rate (each of ``--rates``) for ``--seconds``; for
+  each purchase, the time from ``record_purchase`` returning to the later of its two
+  effects being committed (the ledger's ``first_at``). The same for ``.delay()`` as a
+  reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parents[1]
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def purchase(pid: str) -> dict[str, Any]:
+    return {
+        "purchase_id": pid,
+        "customer": "bench",
+        "items": [{"sku": "sku-1", "qty": 2}],
+        "total_cents": 1999,
+        "currency": "EUR",
+    }
+
+
+# ---------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    try:
+        wait_for("redis-server", up, 10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(proc, signal.SIGKILL)
+
+
+class Processes:
+    """Workers and the pump, started with the bench environment, stopped by PID."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env, self.logdir = env, logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.logdir / f"{name}.log", "wb") as out:
+            proc = subprocess.Popen(
+                [CELERY, "-A", "worker", *args],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logdir / f"{name}.log").read_text(errors="replace")
+
+    def pump(self) -> None:
+        self.start("pump", ["pump"])
+        wait_for("the pump", lambda: "resuming at LSN" in self.log("pump"), 60, 0.1)
+
+    def workers(self, app: Any, n: int, first: int = 0) -> None:
+        """n more workers, ``-c 1`` each, logging at WARNING (INFO would cost two lines a
+        task); ready when they answer a remote-control ping."""
+        names = [f"bench{i}@{socket.gethostname()}" for i in range(first, first + n)]
+        for name in names:
+            self.start(
+                name.split("@")[0],
+                [
+                    "worker",
+                    "-Q",
+                    "warehouse,finance",
+                    "-c",
+                    "1",
+                    "-n",
+                    name,
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-l",
+                    "WARNING",
+                ],
+            )
+
+        def all_up() -> bool:
+            return len(app.control.ping(destination=names, timeout=0.5)) == n
+
+        wait_for("the workers", all_up, 60, 0.1)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        self.procs.clear()
+
+
+# ---------------------------------------------------------------------- measurements
+def relay_delay(n: int, tag: str) -> float:
+    from tasks.finance import record_revenue
+    from tasks.warehouse import reserve_stock
+
+    started = time.perf_counter()
+    for i in range(n):
+        doc = purchase(f"{tag}-{i}")
+        reserve_stock.delay(doc)
+        record_revenue.delay(doc)
+    return n / (time.perf_counter() - started)
+
+
+def relay_pump(app: Any, wal_dir: Path, n: int, tag: str) -> float:
+    from tasks.checkout import purchase_entry
+    from tasks.deadletters import DeadLetterStore
+    from tasks.kombu_publisher import KombuPublisher
+    from tasks.pump import Pump, PumpConfig
+    from walstore import Options, SyncPolicy, Wal
+
+    shutil.rmtree(wal_dir, ignore_errors=True)
+    with Wal.open(wal_dir, Options(sync=SyncPolicy.NONE)) as wal:
+        entries = [purchase_entry(purchase(f"{tag}-{i}")).encode() for i in range(n)]
+        for i in range(0, n, 1000):
+            wal.append_batch(entries[i : i + 1000])
+        publisher = KombuPublisher(app.connection_for_write, wal.wal_id)
+        pump = Pump(wal, publisher, DeadLetterStore(str(wal_dir)), PumpConfig(window=n))
+        started = time.perf_counter()
+        while pump.stats.published < 2 * n and time.perf_counter() - started < 120:
+            pump.step()
+        elapsed = time.perf_counter() - started
+        publisher.close()
+    return n / elapsed
+
+
+def effects_done(url: str) -> Callable[[str, int], bool]:
+    engine = create_engine(url)
+    # A range on the primary key (target, purchase_id): no scan of earlier rounds' rows.
+    query = text(
+        "SELECT count(*) FROM ledger_effects WHERE target IN ('warehouse', "
+        "'finance') AND purchase_id >= :lo AND purchase_id < :hi"
+    )
+
+    def done(tag: str, n: int) -> bool:
+        with engine.connect() as conn:
+            count = conn.execute(query, {"lo": f"{tag}-", "hi": f"{tag}."}).scalar_one()
+            return int(count) >= 2 * n
+
+    return done
+
+
+def e2e(
+    produce: Callable[[str], None], done: Callable[[str, int], bool], n: int, tag: str
+) -> float:
+    started = time.perf_counter()
+    for i in range(n):
+        produce(f"{tag}-{i}")
+    wait_for(f"{n} purchases in the ledger", lambda: done(tag, n), 600, 0.02)
+    return n / (time.perf_counter() - started)
+
+
+def latency(
+    produce: Callable[[str], None], url: str, rate: float, seconds: float, tag: str
+) -> dict[str, float]:
+    returned: dict[str, float] = {}
+    n = int(rate * seconds)
+    start = time.perf_counter()
+    for i in range(n):
+        pause = start + i / rate - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        pid = f"{tag}-{i}"
+        produce(pid)
+        returned[pid] = time.time()
+    done = effects_done(url)
+    wait_for("every effect", lambda: done(tag, n), 600, 0.05)
+    engine = create_engine(url)
+    sql = text(
+        "SELECT purchase_id, max(first_at) FROM ledger_effects WHERE purchase_id >= :lo "
+        "AND purchase_id < :hi GROUP BY purchase_id"
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(sql, {"lo": f"{tag}-", "hi": f"{tag}."}).all()
+    lat = sorted((float(at) - returned[pid]) * 1000 for pid, at in rows)
+    return {
+        "p50_ms": lat[len(lat) // 2],
+        "p99_ms": lat[int(len(lat) * 0.99)],
+        "max_ms": lat[-1],
+        "achieved_rate": n / (time.perf_counter() - start),
+    }
+
+
+# ---------------------------------------------------------------------- the run
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    with redis_server(tmp) as url:
+        env = dict(
+            os.environ,
+            CELERY_BROKER_URL=url,
+            WAL_DIR=str(tmp / "wal"),
+            LEDGER_URL=f"sqlite:///{tmp / 'ledger.sqlite3'}",
+            WAL_SYNC="always",
+        )
+        os.environ.update(env)  # this process's app and producer use the same settings
+        from tasks.app import create_app
+        from tasks.checkout import record_purchase, wal_for
+
+        app = create_app()
+        # The baseline at its fastest: no task-sent events (they cost .delay() ~30%; the
+        # pump sends none either). Workers send their task events in both cases.
+        app.conf.task_send_sent_event = False
+        client = redis.Redis.from_url(url)
+        out: dict[str, Any] = {"relay": {"delay": [], "pump": []}}
+        for r in range(args.rounds):
+            out["relay"]["delay"].append(relay_delay(args.relay, f"rd{r}"))
+            client.delete("warehouse", "finance")
+            out["relay"]["pump"].append(relay_pump(app, tmp / "relay-wal", args.relay, f"rp{r}"))
+            client.delete("warehouse", "finance")
+        procs = Processes(env, tmp)
+        try:
+            procs.workers(app, 2)
+            procs.pump()  # idle during the baseline rounds: both see the same processes
+            wal = wal_for(env["WAL_DIR"])
+
+            def durable(pid: str) -> None:
+                record_purchase(purchase(pid), wal=wal)
+
+            out["e2e"] = throughput(args, env, durable)
+            if args.latency_workers > 2:
+                procs.workers(app, args.latency_workers - 2, first=2)
+            out["latency"] = latencies(args, env, durable)
+        finally:
+            procs.stop_all()
+    return out
+
+
+def throughput(
+    args: argparse.Namespace, env: dict[str, str], durable: Callable[[str], None]
+) -> dict[str, list[float]]:
+    """End-to-end rounds, interleaved (baseline, pipeline, baseline, ...)."""
+    done = effects_done(env["LEDGER_URL"])
+    delay = make_delay_producer()
+    out: dict[str, list[float]] = {"delay": [], "pump": []}
+    for r in range(args.rounds):
+        out["delay"].append(e2e(delay, done, args.e2e, f"ed{r}"))
+        out["pump"].append(e2e(durable, done, args.e2e, f"ep{r}"))
+    return out
+
+
+def latencies(
+    args: argparse.Namespace, env: dict[str, str], durable: Callable[[str], None]
+) -> dict[str, Any]:
+    delay = make_delay_producer()
+    out: dict[str, Any] = {"workers": args.latency_workers}
+    for rate in args.rates:
+        tag = f"{rate:g}".replace(".", "_")
+        out[f"{rate:g}"] = {
+            "pump": latency(durable, env["LEDGER_URL"], rate, args.seconds, f"lp{tag}"),
+            "delay": latency(delay, env["LEDGER_URL"], rate, args.seconds, f"ld{tag}"),
+        }
+    return out
+
+
+def make_delay_producer() -> Callable[[str], None]:
+    from tasks.finance import record_revenue
+    from tasks.warehouse import reserve_stock
+
+    def produce(pid: str) -> None:
+        doc = purchase(pid)
+        reserve_stock.delay(doc)
+        record_revenue.delay(doc)
+
+    return produce
+
+
+def report(out: dict[str, Any], args: argparse.Namespace) -> str:
+    delay, pump = statistics.median(out["relay"]["delay"]), statistics.median(out["relay"]["pump"])
+    e2e_delay, e2e_pump = (
+        statistics.median(out["e2e"]["delay"]),
+        statistics.median(out["e2e"]["pump"]),
+    )
+    rows = [
+        ("relay, workers stopped (purchases/s)", f"{delay:,.0f}", f"{pump:,.0f}",
+         f"{pump / delay:.1f}x", ">= 5x"),
+        ("end to end, 2 workers (purchases/s)", f"{e2e_delay:,.0f}", f"{e2e_pump:,.0f}",
+         f"{e2e_pump / e2e_delay:.2f}x", ">= 0.9x"),
+    ]  # fmt: skip
+    workers = out["latency"]["workers"]
+    for rate, lat in out["latency"].items():
+        if rate == "workers":
+            continue
+        ld, lp = lat["delay"], lat["pump"]
+        target = "p99 < 100 ms" if rate == "200" else ""
+        for q in ("p50", "p99"):
+            rows.append((f"latency at {rate}/s, {workers} workers, {q} (ms)",
+                         f"{ld[q + '_ms']:.1f}", f"{lp[q + '_ms']:.1f}", "",
+                         target if q == "p99" else ""))  # fmt: skip
+    head = ("case", ".delay() baseline", "log + pump", "ratio", "target")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
+    lines = [
+        "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+        for r in [head, *rows]
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--relay", type=int, default=4000, help="purchases per relay round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per case (median)")
+    parser.add_argument("--e2e", type=int, default=1000, help="purchases per end-to-end round")
+    parser.add_argument(
+        "--rates",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[200.0, 100.0],
+        help="purchases/s of the latency runs (comma separated)",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="latency run length")
+    parser.add_argument("--latency-workers", type=int, default=2, help="workers (-c 1 each)")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    try:
+        out = run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(report(out, args))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

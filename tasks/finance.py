@@ -1,0 +1,23 @@
+"""The demo finance: book the revenue of a purchase, once per purchase."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from .app import settings_of
+from .checkout import FINANCE_TASK
+from .ledger import ledger_for
+
+TARGET = "finance"
+
+
+@shared_task(bind=True, name=FINANCE_TASK)
+def record_revenue(self: Task[Any, Any], purchase: dict[str, Any]) -> None:
+    detail = {
+        "customer": purchase["customer"],
+        "total_cents": purchase["total_cents"],
+        "currency": purchase["currency"],
+    }
+    ledger_for(settings_of(self.app).ledger_url).record(TARGET, purchase["purchase_id"], detail)

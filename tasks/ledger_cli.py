@@ -1,0 +1,33 @@
+"""``celery -A worker ledger [--json]``: what the demo warehouse and finance recorded."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from celery.bin.base import CeleryCommand
+
+from .app import settings_of
+from .ledger import Ledger
+
+
+@click.command(cls=CeleryCommand)
+@click.option("--json", "as_json", is_flag=True, help='{"warehouse": {id: deliveries}, ...}')
+@click.pass_context
+def ledger(ctx: click.Context, as_json: bool) -> None:
+    """Show every purchase's effects and how often each task arrived."""
+    book = Ledger(settings_of(ctx.obj.app).ledger_url)
+    try:
+        snap = book.snapshot()
+    finally:
+        book.close()
+    if as_json:
+        click.echo(json.dumps(snap, sort_keys=True))
+        return
+    for target, rows in snap.items():
+        extra = sum(n - 1 for n in rows.values())
+        click.echo(f"{target}: {len(rows)} purchases, {extra} duplicate deliveries absorbed")
+    targets = list(snap)
+    click.echo("purchase_id\t" + "\t".join(targets))
+    for pid in sorted({p for rows in snap.values() for p in rows}):
+        click.echo(pid + "\t" + "\t".join(str(snap[t].get(pid, 0)) for t in targets))

@@ -1,0 +1,109 @@
+"""A private redis-server for the local stack and the tests: a free loopback port, no
+persistence, so that kill -9 and a restart on the same port give a new, empty server (a
+new run_id), as a broker is usually deployed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from .processes import StackError, free_port, send_signal, stop_process
+
+
+def find_redis_server() -> str:
+    """``REDIS_SERVER`` if set, else ``redis-server`` from PATH."""
+    binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    if not binary:
+        raise StackError(
+            "redis-server not found on PATH: run scripts/bootstrap (it installs it with "
+            "apt), or set REDIS_SERVER to its path"
+        )
+    return binary
+
+
+class RedisServer:
+    """A private redis-server: no persistence, loopback only, so that kill -9 and a
+    restart on the same port give a new, empty server (a new run_id), as a broker usually
+    deployed does."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, session: bool = False) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.session = session  # own session: a terminal's Ctrl-C does not reach it
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self) -> None:
+        binary = find_redis_server()
+        for attempt in range(5):
+            self.starts += 1
+            argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+            with open(self.workdir / f"redis-{self.starts}.log", "wb") as log:
+                self.proc = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.session
+                )
+            if self._wait_ready():
+                return
+            stop_process(self.proc, signal.SIGKILL)
+            if self.starts == 1 and attempt < 4:
+                self.port = free_port()  # someone took the port between probe and bind
+        raise StackError(f"redis-server did not start on port {self.port} (see {self.workdir})")
+
+    def _wait_ready(self, timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            with contextlib.suppress(redis.RedisError):
+                if self.client().ping():
+                    return True
+            time.sleep(0.02)
+        return False
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: everything queued is gone (no persistence)."""
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGKILL)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def restart(self) -> None:
+        """kill -9 and start again on the same port: a new, empty server (new run_id)."""
+        self.kill()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections but answers nothing (a hung host)."""
+        if self.proc is not None:
+            send_signal(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            send_signal(self.proc.pid, signal.SIGCONT)
+
+    def run_id(self) -> str:
+        return str(self.client().info("server")["run_id"])

@@ -1,0 +1,261 @@
+"""Machinery of the crash-the-broker fault suite (tests/test_faults*.py).
+
+``Pipeline``: a ``Stack`` (tests/stack.py) on a private redis-server with two real
+workers (``celery -A fault_app worker``: the product's app plus test hooks, see
+tests/fault_app.py), the real pump and a ``WalMonitor`` sampling the log's watermarks.
+``Producers``: real processes calling ``record_purchase`` in a loop
+(tests/fault_producer.py), each with its journal. ``Pipeline.check`` is the end of every
+case: the backlog drains, every acknowledged purchase has exactly one effect at both
+targets, no effect belongs to an unknown purchase, nothing is dead-lettered, and
+``walstore status --json`` shows pending 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stack import RedisServer, Stack, stop_process, wait_until
+
+from tasks.audit import Audit, WalMonitor, audit
+from tasks.deadletters import DeadLetterStore
+from tasks.ledger import effects
+from tasks.publisher import ack_queue
+from walstore.inspect import Snapshot, snapshot
+
+TESTS = Path(__file__).resolve().parent
+WALSTORE = str(Path(sys.executable).with_name("walstore"))
+TARGETS = ("warehouse", "finance")
+# The pump re-sends a task suspected lost after this long (worker kills rely on it). The
+# broker cases must recover well before it: their recovery comes from the new session.
+ACK_TIMEOUT = 15.0
+RECOVERY_BOUND = 8.0  # seconds from "Redis is back" to the low water mark moving
+DRAIN_TIMEOUT = 120.0
+
+
+def suite_env(marks: Path) -> dict[str, str]:
+    return {
+        "PYTHONPATH": str(TESTS),  # fault_app, for ``celery -A fault_app``
+        "FAULT_MARKS": str(marks),
+        "WAL_SYNC": "always",  # as deployed: acknowledged means fsync'd
+        "PUMP_ACK_TIMEOUT": str(ACK_TIMEOUT),
+        "PUMP_MAX_ACK_TIMEOUT": str(2 * ACK_TIMEOUT),
+    }
+
+
+def children_of(pid: int) -> list[int]:
+    """The pool processes of a worker (its direct children), from /proc."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+@dataclass
+class Journal:
+    attempted: set[str] = field(default_factory=set)
+    acked: dict[str, tuple[float, float]] = field(default_factory=dict)  # id: (at, latency)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, path: Path) -> None:
+        text = path.read_text(errors="replace")
+        for line in text[: text.rfind("\n") + 1].splitlines():  # whole lines only
+            kind, _, rest = line.partition(" ")
+            fields = rest.split(" ")
+            if kind == "try":
+                self.attempted.add(fields[0])
+            elif kind == "ok":
+                self.acked[fields[0]] = (float(fields[2]), float(fields[3]))
+            elif kind == "err":
+                self.errors.append(rest)
+
+    def window(self, start: float, end: float) -> list[float]:
+        """Latencies of the appends acknowledged between ``start`` and ``end``."""
+        return [lat for at, lat in self.acked.values() if start <= at <= end]
+
+
+def latency_summary(latencies: list[float]) -> str:
+    if not latencies:
+        return "no appends"
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return (f"{len(ordered)} appends, p50 {statistics.median(ordered) * 1e3:.1f} ms, "
+            f"p99 {p99 * 1e3:.1f} ms, max {ordered[-1] * 1e3:.1f} ms")  # fmt: skip
+
+
+@dataclass
+class Producers:
+    """``count`` producer processes, ids ``<prefix>p<i>-<n>``, ``rate`` purchases/s each."""
+
+    stack: Stack
+    prefix: str
+    count: int
+    rate: float
+    max_seconds: float = 200.0
+    max_count: int = 1_000_000
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def path(self, i: int) -> Path:
+        return self.stack.tmp / "journals" / f"{self.prefix}p{i}.log"
+
+    def start(self) -> Producers:
+        self.path(0).parent.mkdir(exist_ok=True)
+        for i in range(self.count):
+            argv = [sys.executable, str(TESTS / "fault_producer.py"), str(self.path(i)),
+                    f"{self.prefix}p{i}", str(self.rate), str(self.max_seconds),
+                    str(self.max_count)]  # fmt: skip
+            self.procs.append(self.stack.spawn(f"{self.prefix}p{i}", argv))
+        return self
+
+    def stop(self) -> list[int]:
+        """SIGTERM (they finish the append in progress) and their exit codes."""
+        return [stop_process(p, signal.SIGTERM, timeout=30) for p in self.procs]
+
+    def wait(self, timeout: float) -> list[int]:
+        return [p.wait(timeout) for p in self.procs]
+
+    def journal(self) -> Journal:
+        journal = Journal()
+        for i in range(self.count):
+            if self.path(i).exists():
+                journal.add(self.path(i))
+        return journal
+
+
+@dataclass
+class Recovery:
+    started: float  # s from "broker back" until the low water mark moved
+    caught_up: float  # ... until it passed everything that was durable at that moment
+
+    def __repr__(self) -> str:
+        return f"drain started after {self.started:.1f}s, caught up after {self.caught_up:.1f}s"
+
+
+class Pipeline:
+    """Redis, two workers and the pump, with a monitor of the log's watermarks."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.marks = tmp / "marks"
+        self.marks.mkdir(parents=True)
+        self.redis = RedisServer(tmp / "redis")
+        self.stack = Stack(tmp, self.redis, overrides=suite_env(self.marks))
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.pump: subprocess.Popen[bytes] | None = None
+        self.monitor = WalMonitor(self.snapshot, interval=0.1)
+
+    # ------------------------------------------------------------------ processes
+    def start_workers(self, n: int, *, wait: bool = True, **env: str) -> None:
+        new = [self.stack.start_worker(app="fault_app", wait=False, env=env) for _ in range(n)]
+        self.workers += new
+        if wait:
+            for proc in new:
+                self.wait_log(proc, " ready.")
+
+    def start_pump(self) -> None:
+        self.pump = self.stack.start_pump()
+
+    def wait_log(self, proc: subprocess.Popen[bytes], marker: str, timeout: float = 60) -> None:
+        wait_until(f"{marker!r} in the log of {proc.pid}",
+                   lambda: self.stack._ready(proc, marker), timeout)  # fmt: skip
+
+    def heal(self) -> None:
+        """Whatever an earlier case left dead is started again (as supervisors would)."""
+        if self.redis.proc is None or self.redis.proc.poll() is not None:
+            self.redis.start()
+        self.workers = [w for w in self.workers if w.poll() is None]
+        self.start_workers(max(0, 2 - len(self.workers)))
+        if self.pump is None or self.pump.poll() is not None:
+            self.start_pump()
+
+    def stop_all(self) -> None:
+        self.monitor.stop()
+        self.stack.close()
+        self.redis.kill()
+
+    # ------------------------------------------------------------------ observations
+    def snapshot(self) -> Snapshot:
+        return snapshot(str(self.stack.wal_dir))
+
+    def effect_rows(self) -> int:
+        with contextlib.closing(sqlite3.connect(self.stack.tmp / "ledger.sqlite3")) as db:
+            return int(db.execute(f"SELECT count(*) FROM {effects.name}").fetchone()[0])
+
+    def recovery(self, since: float, timeout: float = 60) -> Recovery:
+        """Watch the low water mark from ``since`` (the broker back) on."""
+        before = self.snapshot()
+        wait_until("the low water mark to pass the backlog",
+                   lambda: self.snapshot().low_water_mark >= before.high_water_mark,
+                   timeout, 0.1)  # fmt: skip
+        caught_up = time.monotonic() - since
+        start = before.low_water_mark
+        moved = [s.at - since for s in list(self.monitor.samples)
+                 if s.at >= since and s.low_water_mark > start]  # fmt: skip
+        return Recovery(moved[0] if moved else caught_up, caught_up)
+
+    # ------------------------------------------------------------------ the verdict
+    def check(self, prefix: str, journal: Journal, extra: Iterable[str] = ()) -> Audit:
+        """Wait for the drain, then assert the contract for the purchases ``prefix...``
+        (``extra``: acknowledged ones the test recorded itself)."""
+        acked = set(journal.acked) | set(extra)
+        attempted = journal.attempted | set(extra)
+
+        def drained() -> bool:
+            snap = self.stack.ledger()
+            done = all(acked <= set(snap[t]) for t in TARGETS)
+            return done and self.snapshot().pending == 0
+
+        try:
+            wait_until("the backlog to drain", drained, DRAIN_TIMEOUT, 0.3)
+        except AssertionError:
+            result = audit(attempted, acked, self.stack.ledger_url, prefix)
+            raise AssertionError(f"not drained: {result.as_dict()} {self.snapshot()}") from None
+        result = audit(attempted, acked, self.stack.ledger_url, prefix)
+        assert result.lost == [], f"lost: {result.lost[:10]}"
+        assert result.phantoms == [], f"effects of unknown purchases: {result.phantoms[:10]}"
+        assert result.double_effects == 0
+        assert all(result.effects[t] >= len(acked) for t in TARGETS), result.as_dict()
+        status = subprocess.run([WALSTORE, "status", str(self.stack.wal_dir), "--json"],
+                                capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        assert json.loads(status.stdout)["pending"] == 0
+        assert DeadLetterStore(str(self.stack.wal_dir)).list() == []
+        return result
+
+    def ack_queue_length(self) -> int:
+        return int(self.redis.client().llen(ack_queue(self.snapshot().wal_id)))
+
+    def queued(self) -> int:
+        client = self.redis.client()
+        return int(client.llen("warehouse")) + int(client.llen("finance"))
+
+
+@contextlib.contextmanager
+def paused(pids: list[int]) -> Iterator[None]:
+    """SIGSTOP these processes for the block; SIGCONT them whatever happens."""
+    kill_pids(pids, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        kill_pids(pids, signal.SIGCONT)
+
+
+def report(case: str, **figures: object) -> None:
+    """One line per case for the README's table (shown with ``pytest -s``)."""
+    text = " ".join(f"{k}={v}" for k, v in figures.items())
+    print(f"\nFAULTS {case}: {text}", flush=True)

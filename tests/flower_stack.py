@@ -1,0 +1,111 @@
+"""Flower against a test pipeline: start ``celery -A worker flower`` on a free loopback port
+(basic auth, as docker-compose runs it), run purchases through real workers and the real
+pump, and know which tasks Flower must show for them.
+
+Named ``flower_stack`` (not ``flower``): this directory is on sys.path in tests and
+must not shadow the Flower package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from dataclasses import dataclass
+
+import httpx
+from stack import CELERY, Stack, free_port, wait_until
+
+from tasks.entry import decode, task_id
+from walstore import Options, Wal
+
+USER, PASSWORD = "watcher", "test-only-password"
+
+
+@dataclass(frozen=True)
+class ExpectedTask:
+    """A task the pump must have published for a purchase (what Flower should list)."""
+
+    task_id: str
+    name: str
+    purchase_id: str
+    target: str
+
+
+@dataclass
+class FlowerServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, **params: str) -> httpx.Response:
+        return httpx.get(self.url + path, params=params, auth=(USER, PASSWORD), timeout=10)
+
+    def tasks(self, **params: str) -> dict[str, dict[str, object]]:
+        response = self.get("/api/tasks", **params)
+        assert response.status_code == 200, response.text
+        tasks: dict[str, dict[str, object]] = response.json()
+        return tasks
+
+
+def start_flower(stack: Stack) -> FlowerServer:
+    """Flower on a free port, ready and subscribed to the task events.
+
+    Start it before any worker: on Redis, events are pub/sub messages, and whatever was
+    published before Flower subscribed is not shown (nor is it stored anywhere)."""
+    port = free_port()
+    proc = stack.spawn(
+        "flower",
+        [CELERY, "-A", "worker", "flower", "--address=127.0.0.1", f"--port={port}"],
+        {"FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"},
+    )
+    server = FlowerServer(proc, port)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"flower exited {proc.returncode}:\n{stack.log_of(proc)}")
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(server.url + "/healthcheck", timeout=2).status_code == 200
+        return False
+
+    wait_until("flower answering", healthy, 60, 0.1)
+    # Flower's event receiver PSUBSCRIBEs to the celeryev fanout; no worker runs yet, so
+    # a pattern subscription on the server is Flower's.
+    client = stack.redis.client()
+    wait_until("flower subscribed to events", lambda: client.pubsub_numpat() >= 1, 30, 0.05)
+    return server
+
+
+def expected_tasks(stack: Stack) -> list[ExpectedTask]:
+    """Every task of every entry in the stack's log, with the id the pump gives it."""
+    with Wal.open(stack.wal_dir, Options.from_env(stack.env())) as wal:
+        out = []
+        for lsn, payload in wal.iter_from(0):
+            entry = decode(payload)
+            for spec in entry.tasks:
+                tid = task_id(wal.wal_id, lsn, spec.target)
+                out.append(ExpectedTask(tid, spec.name, entry.key, spec.target))
+        return out
+
+
+def run_purchases_under_flower(
+    stack: Stack, count: int = 3
+) -> tuple[FlowerServer, list[ExpectedTask]]:
+    """Flower, a worker and the pump; ``count`` purchases recorded and, as Flower's API
+    reports, succeeded. Returns Flower and the tasks it shows."""
+    flower = start_flower(stack)
+    stack.start_worker()
+    stack.start_pump()
+    ids = stack.produce(1, count, prefix="order")
+    expected = expected_tasks(stack)
+    assert sorted({t.purchase_id for t in expected}) == sorted(ids)
+    assert {t.target for t in expected} == {"warehouse", "finance"}
+
+    def all_succeeded() -> bool:
+        seen = flower.tasks()
+        return all(seen.get(t.task_id, {}).get("state") == "SUCCESS" for t in expected)
+
+    wait_until("flower shows every task succeeded", all_succeeded, 60, 0.25)
+    return flower, expected

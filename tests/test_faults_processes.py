@@ -1,0 +1,173 @@
+"""Kill the pipeline's own processes (issue 4): the pump, a worker's pool process mid-task,
+a worker's main process, producers mid-append. Same pipeline and verdict as
+test_faults.py (``Pipeline.check``): exactly one effect per acknowledged purchase and
+target, none lost, none unknown, the backlog drained.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+from faultkit import WALSTORE, Pipeline, Producers, children_of, kill_pids, report
+from stack import wait_until
+
+from tasks.checkout import record_purchase
+from tasks.entry import parse_task_id
+from tasks.loadgen import purchase
+from walstore import Options, Wal
+
+pytestmark = [pytest.mark.faults]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    pipeline = Pipeline(tmp_path_factory.mktemp("faults-procs"))
+    try:
+        pipeline.redis.start()
+        pipeline.start_workers(2)
+        pipeline.start_pump()
+        pipeline.monitor.start()
+        yield pipeline
+    finally:
+        pipeline.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def healed(pipe: Pipeline) -> None:
+    pipe.heal()
+
+
+def flowing(pipe: Pipeline, producers: Producers) -> None:
+    wait_until("every producer appending",
+               lambda: all(producers.path(i).exists() and " " in producers.path(i).read_text()
+                           for i in range(producers.count)), 30, 0.1)  # fmt: skip
+
+
+def record_slow(pipe: Pipeline, purchase_id: str, when: str) -> tuple[str, int, int]:
+    """Record a purchase whose tasks sleep ``when`` ("pre"/"post") their effect (see
+    fault_app) and wait until one of them is sleeping: (target, pool pid, worker pid)."""
+    doc = purchase(purchase_id, 0)
+    doc["items"] = [{"sku": f"slow-{when}", "qty": 1}]
+    with Wal.open(pipe.stack.wal_dir, Options.from_env(pipe.stack.env())) as wal:
+        lsn = record_purchase(doc, wal=wal).lsn
+
+    def marker() -> tuple[str, int, int] | None:
+        for path in pipe.marks.glob(f"*-{lsn}-*.{when}"):
+            parsed = parse_task_id(path.stem)
+            pids = path.read_text().split()
+            if parsed is not None and parsed[1] == lsn and len(pids) == 2:
+                return parsed[2], int(pids[0]), int(pids[1])
+        return None
+
+    found: tuple[str, int, int] = wait_until(f"a {when}-effect task running", marker, 60, 0.05)
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_pump_killed_mid_stream_and_restarted(pipe: Pipeline) -> None:
+    producers = Producers(pipe.stack, "pump-", count=3, rate=20).start()
+    flowing(pipe, producers)
+    time.sleep(2)
+    assert pipe.pump is not None
+    old = pipe.pump
+    assert pipe.snapshot().pending > 0
+    pipe.stack.stop(old, signal.SIGKILL)
+    persisted = pipe.snapshot().low_water_mark
+    time.sleep(1)
+    pipe.start_pump()
+    back = time.monotonic()
+    assert pipe.pump is not None
+    resumed = re.search(r"resuming at LSN (\d+)", pipe.stack.log_of(pipe.pump))
+    assert resumed and int(resumed.group(1)) == persisted
+    recovery = pipe.recovery(back)
+    assert producers.stop() == [0, 0, 0]
+    journal = producers.journal()
+    assert journal.errors == []
+    result = pipe.check("pump-", journal)
+    report("pump-kill", purchases=len(journal.acked), recovery=recovery,
+           duplicates=sum(result.duplicates.values()))  # fmt: skip
+
+
+@pytest.mark.timeout(150)
+def test_a_pool_process_killed_mid_task(pipe: Pipeline) -> None:
+    producers = Producers(pipe.stack, "child-", count=3, rate=10).start()
+    flowing(pipe, producers)
+    mains = {w.pid: w for w in pipe.workers}
+    # After its effect and its ack, before the broker's ack: the task runs again.
+    after, pool_pid, worker_pid = record_slow(pipe, "child-after", "post")
+    assert worker_pid in mains
+    kill_pids([pool_pid])
+    # Before its effect: the effect happens once, on the redelivery.
+    _, pool_pid2, worker_pid2 = record_slow(pipe, "child-before", "pre")
+    kill_pids([pool_pid2])
+    for pid in {worker_pid, worker_pid2}:
+        pipe.wait_log(mains[pid], "exited with 'signal 9 (SIGKILL)'")
+    assert all(w.poll() is None for w in pipe.workers)  # the workers replaced their pools
+    assert producers.stop() == [0, 0, 0]
+    journal = producers.journal()
+    assert journal.errors == []
+    result = pipe.check("child-", journal, extra=["child-after", "child-before"])
+    snap = pipe.stack.ledger()
+    assert snap[after]["child-after"] == 2  # the task arrived twice; the effect is once
+    report("pool-process-kill", purchases=len(journal.acked) + 2,
+           duplicates=sum(result.duplicates.values()))  # fmt: skip
+
+
+@pytest.mark.timeout(150)
+def test_a_worker_main_process_killed_mid_task(pipe: Pipeline) -> None:
+    producers = Producers(pipe.stack, "main-", count=3, rate=10).start()
+    flowing(pipe, producers)
+    target, pool_pid, worker_pid = record_slow(pipe, "main-held", "pre")
+    victim = next(w for w in pipe.workers if w.pid == worker_pid)
+    pool = children_of(worker_pid)
+    assert pool_pid in pool
+    killed = time.monotonic()
+    pipe.stack.stop(victim, signal.SIGKILL)  # its task is unacked in Redis, for an hour
+    kill_pids(pool)  # and its pool with it, as a service manager's kill does
+    pipe.workers.remove(victim)
+    pipe.start_workers(1)  # the supervisor's restart
+
+    def delivered() -> bool:
+        snap = pipe.stack.ledger()
+        return all("main-held" in snap[t] for t in ("warehouse", "finance"))
+
+    wait_until("the held task re-sent by the pump", delivered, 90, 0.2)
+    redelivered_after = time.monotonic() - killed
+    assert producers.stop() == [0, 0, 0]
+    journal = producers.journal()
+    assert journal.errors == []
+    result = pipe.check("main-", journal, extra=["main-held"])
+    assert pipe.stack.ledger()[target]["main-held"] == 1
+    report("worker-main-kill", purchases=len(journal.acked) + 1,
+           held_task_done_after=f"{redelivered_after:.1f}s",
+           duplicates=sum(result.duplicates.values()))  # fmt: skip
+
+
+@pytest.mark.timeout(150)
+def test_producers_killed_mid_append(pipe: Pipeline) -> None:
+    rng = random.Random(4)
+    producers = Producers(pipe.stack, "pk-", count=6, rate=0, max_count=300).start()
+    flowing(pipe, producers)
+    for proc in producers.procs:  # full speed: nearly always inside record_purchase
+        time.sleep(rng.uniform(0.05, 0.3))
+        pipe.stack.stop(proc, signal.SIGKILL)
+    journal = producers.journal()
+    unanswered = journal.attempted - set(journal.acked)
+    assert unanswered, "no producer was caught mid-append"
+    again = Producers(pipe.stack, "pk-again-", count=2, rate=0, max_count=50).start()
+    assert again.wait(60) == [0, 0]  # the log takes appends after the crashes
+    for i in range(again.count):
+        journal.add(again.path(i))
+    result = pipe.check("pk-", journal)
+    assert result.unacknowledged_delivered <= len(unanswered)
+    verify = subprocess.run([WALSTORE, "verify", str(pipe.stack.wal_dir)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    report("producer-kill", purchases=len(journal.acked), killed_mid_append=len(unanswered),
+           committed_unanswered=result.unacknowledged_delivered)  # fmt: skip

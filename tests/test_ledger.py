@@ -1,0 +1,56 @@
+"""The ledger: the first delivery writes the effect, repeats only count, several worker
+processes can write to one SQLite file at once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+
+from tasks.ledger import Ledger, ledger_for, status_of
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_repeated_delivery_changes_nothing_but_the_count(tmp_path: Path) -> None:
+    book = Ledger(f"sqlite:///{tmp_path / 'sub' / 'ledger.db'}")  # parent dir is created
+    book.record("warehouse", "p1", {"items": [{"sku": "a", "qty": 1}]})
+    book.record("warehouse", "p1", {"items": [{"sku": "CHANGED", "qty": 9}]})
+    book.record("finance", "p1", {"total_cents": 5})
+    assert book.deliveries("p1") == {"warehouse": 2, "finance": 1}
+    assert book.detail("warehouse", "p1") == {"items": [{"sku": "a", "qty": 1}]}
+    assert book.snapshot() == {"warehouse": {"p1": 2}, "finance": {"p1": 1}}
+    assert book.deliveries("nope") == {}
+    book.close()
+
+
+def test_snapshot_always_names_both_targets(tmp_path: Path) -> None:
+    book = Ledger(f"sqlite:///{tmp_path / 'l.db'}")
+    assert book.snapshot() == {"warehouse": {}, "finance": {}}
+    book.record("other", "x", {})
+    assert book.snapshot()["other"] == {"x": 1}
+
+
+def test_status_of_says_pending_or_done(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    ledger_for(url).record("finance", "p9", {})
+    assert status_of("p9", url) == {"warehouse": "pending", "finance": "done"}
+
+
+def _writer(url: str, worker: int, keys: int) -> None:
+    book = Ledger(url)
+    for k in range(keys):
+        book.record("warehouse", f"k{k}", {"by": worker})
+
+
+def test_several_processes_write_one_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(url, w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(50)
+        assert p.exitcode == 0
+    assert Ledger(url).snapshot()["warehouse"] == {f"k{k}": 4 for k in range(40)}

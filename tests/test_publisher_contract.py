@@ -1,0 +1,236 @@
+"""One contract, every Publisher: the in-memory stub the pump's unit tests rely on, and
+the kombu publisher against a real redis-server (Redis ack fast path and the generic
+kombu consumer path). If the stub passes and kombu passes, the unit tests mean
+something."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from stack import RedisServer
+
+from tasks.acks import send_ack
+from tasks.app import create_app
+from tasks.config import Settings
+from tasks.kombu_publisher import KombuPublisher
+from tasks.publisher import (
+    Ack,
+    BrokerUnavailableError,
+    MemoryPublisher,
+    Publisher,
+    TaskMessage,
+)
+
+pytestmark = pytest.mark.timeout(60)
+WAL_ID = "a" * 32
+OTHER_WAL = "b" * 32
+
+Fetched = tuple[str, str, list[Any], dict[str, Any]]
+
+
+class Harness(Protocol):
+    publisher: Publisher
+
+    def fetch(self, queue: str, n: int) -> list[Fetched]: ...
+    def send_ack(self, ack: Ack) -> None: ...
+    def stop_broker(self) -> None: ...
+    def start_broker(self) -> None: ...
+    def restart_broker(self) -> None: ...
+
+
+class MemoryHarness:
+    def __init__(self) -> None:
+        self.publisher = self.stub = MemoryPublisher(WAL_ID)
+
+    def fetch(self, queue: str, n: int) -> list[Fetched]:
+        return [(m.task_id, m.name, m.args, m.kwargs) for m in self.stub.take(queue, n)]
+
+    def send_ack(self, ack: Ack) -> None:
+        self.stub.send_ack(ack)
+
+    def stop_broker(self) -> None:
+        self.stub.down = True
+
+    def start_broker(self) -> None:
+        self.stub.down = False
+
+    def restart_broker(self) -> None:
+        self.stub.restart()
+
+
+class KombuHarness:
+    """The real publisher; tasks fetched as a worker would, acks sent as workers do."""
+
+    def __init__(self, server: RedisServer, fast_acks: bool) -> None:
+        self.server = server
+        self.raw_acks = fast_acks
+        self.app = create_app(Settings(broker_url=server.url))
+        self.publisher = KombuPublisher(self.app.connection_for_write, WAL_ID, fast_acks=fast_acks)
+
+    def fetch(self, queue: str, n: int) -> list[Fetched]:
+        out: list[Fetched] = []
+        with self.app.connection_for_read() as conn:
+            simple = conn.SimpleQueue(queue, no_ack=True, serializer="json")
+            try:
+                for _ in range(n):
+                    msg = simple.get(timeout=5)
+                    args, kwargs, _embed = msg.decode()
+                    out.append((msg.headers["id"], msg.headers["task"], args, kwargs))
+            finally:
+                simple.close()
+        return out
+
+    def send_ack(self, ack: Ack) -> None:
+        send_ack(self.app, ack, raw=self.raw_acks)
+
+    def stop_broker(self) -> None:
+        self.server.kill()
+
+    def start_broker(self) -> None:
+        self.server.start()
+
+    def restart_broker(self) -> None:
+        self.server.restart()
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.app.close()
+
+
+@pytest.fixture(params=["memory", "kombu-redis", "kombu-consumer"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    if request.param == "memory":
+        yield MemoryHarness()
+        return
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    kombu = KombuHarness(server, fast_acks=request.param == "kombu-redis")
+    try:
+        yield kombu
+    finally:
+        kombu.close()
+        server.kill()
+
+
+def msg(lsn: int, target: str, queue: str | None = None) -> TaskMessage:
+    return TaskMessage(f"{WAL_ID}-{lsn}-{target}", f"tasks.{target}.run", queue or target,
+                       [{"purchase_id": f"p{lsn}", "n": lsn}], {"flag": True})  # fmt: skip
+
+
+def test_published_tasks_arrive_in_order_on_their_queues(harness: Harness) -> None:
+    batch = [msg(1, "warehouse"), msg(1, "finance"), msg(2, "warehouse"), msg(3, "warehouse")]
+    harness.publisher.publish(batch)
+    harness.publisher.publish([])
+    got = harness.fetch("warehouse", 3) + harness.fetch("finance", 1)
+    want = [(m.task_id, m.name, m.args, m.kwargs) for m in (batch[0], batch[2], batch[3], batch[1])]
+    assert got == want
+
+
+def test_acks_come_back_in_order_and_whole(harness: Harness) -> None:
+    harness.publisher.session()  # connected, so the ack queue exists
+    acks = [Ack(WAL_ID, 7, "warehouse", True), Ack(WAL_ID, 3, "finance", False, "Boom('x')")]
+    for ack in acks:
+        harness.send_ack(ack)
+    got: list[Ack] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < deadline:
+        got += harness.publisher.drain_acks(0.05)
+    assert got == acks
+
+
+def test_drain_honours_limit_and_timeout(harness: Harness) -> None:
+    harness.publisher.session()
+    started = time.monotonic()
+    assert harness.publisher.drain_acks(0.05) == []
+    assert time.monotonic() - started < 2
+    for lsn in range(5):
+        harness.send_ack(Ack(WAL_ID, lsn, "t", True))
+    first = harness.publisher.drain_acks(0.5, limit=2)
+    rest = harness.publisher.drain_acks(0.5, limit=10)
+    rest += harness.publisher.drain_acks(0.05, limit=10)
+    assert [a.lsn for a in first] == [0, 1]
+    assert [a.lsn for a in rest] == [2, 3, 4]
+
+
+def test_acks_of_another_wal_are_not_ours(harness: Harness) -> None:
+    harness.publisher.session()
+    harness.send_ack(Ack(OTHER_WAL, 1, "warehouse", True))
+    assert harness.publisher.drain_acks(0.05) == []
+
+
+def test_session_is_stable_until_the_broker_restarts(harness: Harness) -> None:
+    first = harness.publisher.session()
+    assert harness.publisher.session() == first
+    harness.publisher.publish([msg(1, "warehouse")])
+    harness.restart_broker()
+    second = harness.publisher.session()
+    assert second != first
+    assert harness.publisher.session() == second
+    harness.publisher.publish([msg(2, "warehouse")])
+    assert [f[0] for f in harness.fetch("warehouse", 1)] == [msg(2, "warehouse").task_id]
+
+
+def test_unreachable_broker_raises_then_recovers(harness: Harness) -> None:
+    before = harness.publisher.session()
+    harness.stop_broker()
+    with pytest.raises(BrokerUnavailableError):
+        harness.publisher.publish([msg(1, "warehouse")])
+    with pytest.raises(BrokerUnavailableError):
+        harness.publisher.session()
+    with pytest.raises(BrokerUnavailableError):
+        harness.publisher.drain_acks(0.01)
+    harness.start_broker()
+    assert harness.publisher.session() != before
+    harness.publisher.publish([msg(2, "warehouse")])
+    assert [f[0] for f in harness.fetch("warehouse", 1)] == [msg(2, "warehouse").task_id]
+
+
+def test_messages_are_what_celery_itself_would_send(tmp_path: Path) -> None:
+    """Same headers, properties and body layout as apply_async (protocol 2, JSON)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    kombu = KombuHarness(server, fast_acks=True)
+    try:
+        ours = msg(5, "warehouse")
+        kombu.publisher.publish([ours])
+        kombu.app.send_task(ours.name, ours.args, ours.kwargs, task_id=ours.task_id,
+                            queue="celery-made")  # fmt: skip
+        client = server.client()
+        mine = json.loads(client.rpop("warehouse") or b"")
+        theirs = json.loads(client.rpop("celery-made") or b"")
+    finally:
+        kombu.close()
+        server.kill()
+    assert set(mine["headers"]) == set(theirs["headers"])
+    for key in ("lang", "task", "id", "root_id", "parent_id", "group", "eta", "retries"):
+        assert mine["headers"][key] == theirs["headers"][key], key
+    assert set(mine["properties"]) == set(theirs["properties"])
+    assert mine["properties"]["correlation_id"] == ours.task_id
+    assert mine["properties"]["delivery_mode"] == theirs["properties"]["delivery_mode"]
+    assert mine["content-type"] == theirs["content-type"] == "application/json"
+    assert mine["content-encoding"] == theirs["content-encoding"] == "utf-8"
+    body = json.loads(base64.b64decode(mine["body"]))
+    assert body == json.loads(base64.b64decode(theirs["body"]))
+    assert body[:2] == [ours.args, ours.kwargs]
+
+
+def test_redis_drain_also_accepts_acks_sent_as_kombu_messages(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    kombu = KombuHarness(server, fast_acks=True)
+    try:
+        kombu.publisher.session()
+        send_ack(kombu.app, Ack(WAL_ID, 1, "warehouse", True), raw=False)
+        send_ack(kombu.app, Ack(WAL_ID, 2, "warehouse", True), raw=True)
+        server.client().lpush(f"walstore.acks.{WAL_ID}", b"not json", b'{"wal_id": 3}')
+        got = kombu.publisher.drain_acks(0.05)
+    finally:
+        kombu.close()
+        server.kill()
+    assert [a.lsn for a in got] == [1, 2]  # malformed ones are dropped

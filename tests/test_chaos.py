@@ -101,7 +101,8 @@ def test_a_short_chaos_run_loses_nothing_and_stops_everything(tmp_path: Path) ->
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_sigterm_stops_everything_it_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_everything_it_started(tmp_path: Path, sig: signal.Signals) -> None:
     workdir, log = tmp_path / "chaos", tmp_path / "chaos.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -114,7 +115,7 @@ def test_sigterm_stops_everything_it_started(tmp_path: Path) -> None:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         assert processes_mentioning(str(workdir))  # the stack is up
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(60) == 130, log.read_text()
         assert "interrupted; stopping everything it started" in log.read_text()
     finally:

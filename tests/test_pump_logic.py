@@ -303,3 +303,27 @@ def test_stats_describe_the_window(rig: Rig) -> None:
     assert stats.oldest_unconfirmed_age == pytest.approx(2.5)
     assert set(stats.as_dict()) >= {"published", "acked", "redelivered", "dead_lettered",
                                     "in_flight", "backlog", "oldest_unconfirmed_age"}  # fmt: skip
+
+
+def test_a_failed_checkpoint_is_retried_and_the_pump_keeps_going(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from walstore import WalError
+
+    real = rig.wal.set_low_water_mark
+    failures = []
+
+    def failing(lsn: int) -> int:
+        failures.append(lsn)
+        raise WalError("could not persist the low water mark (EIO)")
+
+    monkeypatch.setattr(rig.wal, "set_low_water_mark", failing)
+    rig.append(3)
+    rig.steps(1)
+    rig.ack(rig.take("warehouse") + rig.take("finance"))
+    rig.steps(2)  # the checkpoint fails, the pump does not
+    assert failures and rig.wal.low_water_mark() == 0
+    monkeypatch.setattr(rig.wal, "set_low_water_mark", real)
+    rig.append(1)
+    rig.steps(2)
+    assert rig.wal.low_water_mark() == 3  # retried; entry 3 still in flight

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .errors import CorruptLogError, WalError
 from .format import SEGMENT_HEADER_SIZE, segment_name
 from .fs import OsFs
+from .log import Status
 from .reader import Reader
 from .recovery import load_meta, read_checkpoint
 from .scan import Record, find_valid_after, scan
@@ -18,32 +19,9 @@ from .shm import SharedState, TornStateError, others_attached
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class Snapshot(Status):
     wal_id: str
-    segments: int
-    bytes: int
-    first_lsn: int
-    next_lsn: int
-    low_water_mark: int
-    high_water_mark: int
     live: bool  # some process has the log open (figures come from its shared state)
-
-    @property
-    def pending(self) -> int:
-        return self.next_lsn - self.low_water_mark
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "wal_id": self.wal_id,
-            "segments": self.segments,
-            "bytes": self.bytes,
-            "first_lsn": self.first_lsn,
-            "next_lsn": self.next_lsn,
-            "low_water_mark": self.low_water_mark,
-            "high_water_mark": self.high_water_mark,
-            "pending": self.pending,
-            "live": self.live,
-        }
 
 
 def _require_log(directory: str) -> None:

@@ -9,6 +9,7 @@ written so far, and the others find their records already covered.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -58,6 +59,10 @@ class Status:
     def pending(self) -> int:
         """Entries not yet confirmed: next LSN minus the low water mark."""
         return self.next_lsn - self.low_water_mark
+
+    def as_dict(self) -> dict[str, object]:
+        """Every field and ``pending``: the keys of ``walstore status --json``."""
+        return {**dataclasses.asdict(self), "pending": self.pending}
 
 
 class Wal:

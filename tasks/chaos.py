@@ -193,10 +193,10 @@ def render(doc: dict[str, Any]) -> str:
     for f in doc["faults"]:
         rec = f.get("recovery")
         after = "" if f["back_at"] is None else (
-            f"  recovered in {rec:.1f}s" if rec is not None else "  NOT recovered")  # fmt: skip
+            f"recovered in {rec:.1f}s" if rec is not None else "NOT recovered")  # fmt: skip
         what = Fault(f["at"], f["kind"], f["hold"], f["target"]).describe()
         note = f["error"] or f["note"] or ""
-        lines.append(f"  {f['started']:6.1f}s  {what:<30} {note:<40}{after}".rstrip())
+        lines.append(f"  {f['started']:6.1f}s  {what:<30} {after:<19} {note}".rstrip())
     for f in doc["skipped_faults"]:
         what = Fault(f["at"], f["kind"], f["hold"], f["target"]).describe()
         lines.append(f"  {f['at']:6.1f}s  {what:<30} skipped: the run was over before it")

@@ -10,8 +10,9 @@ of them, so every kind comes up before any comes up twice.
 | broker-restart | kill -9 Redis, restart it at once, empty, on the same port |
 | broker-down | kill -9 Redis, leave the port closed for ``hold`` s, restart it empty |
 | broker-stall | SIGSTOP Redis for ``hold`` s (connections open, no answers), SIGCONT |
-| acks-lost | SIGSTOP the pump until workers have pushed acks it has not read, wait ``hold``
-  s more, kill -9 and restart Redis (tasks done, acks gone), SIGCONT the pump |
+| acks-lost | SIGSTOP the workers for ``hold`` s (tasks queue up), SIGSTOP the pump and
+  SIGCONT the workers: they run the queued tasks and push acks the pump does not read;
+  kill -9 and restart Redis (tasks done, acks gone), SIGCONT the pump |
 | pump-kill | kill -9 the pump, restart it after ``hold`` s |
 | pool-child-kill | SIGKILL a pool process of worker ``target`` caught running (a task) |
 | worker-kill | SIGKILL worker ``target``'s main process (and then its pool, as a service
@@ -21,7 +22,6 @@ of them, so every kind comes up before any comes up twice.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import time
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from .localstack import LocalStack
-from .processes import kill_busy
+from .processes import kill_busy, send_signal
 from .publisher import ack_queue
 
 KINDS = (
@@ -43,13 +43,14 @@ KINDS = (
     "worker-kill",
     "producer-kill",
 )
+QUEUES = ("warehouse", "finance")
 BROKER_KINDS = frozenset({"broker-restart", "broker-down", "broker-stall", "acks-lost"})
 # (low, high) of the uniform draw of ``hold`` per kind, in seconds.
 HOLD = {
     "broker-restart": (0.0, 0.0),
     "broker-down": (2.0, 8.0),
     "broker-stall": (1.0, 5.0),
-    "acks-lost": (0.2, 1.5),
+    "acks-lost": (0.5, 2.0),
     "pump-kill": (0.0, 3.0),
     "pool-child-kill": (0.0, 0.0),
     "worker-kill": (0.0, 3.0),
@@ -165,36 +166,53 @@ class Injector:
         self._back(done)
 
     def _acks_lost(self, fault: Fault, done: Injected) -> None:
+        """Workers paused for ``hold`` s (tasks queue up), then the pump paused and the
+        workers let go: they run the queued tasks and push acks nobody reads; then the
+        broker dies with them."""
         pump = self.stack.pump
         if pump is None or not pump.alive:
             raise RuntimeError("no pump running")
         queue = ack_queue(self.stack.wal().wal_id)
         client = self.stack.redis.client()
-        os.kill(pump.pid, signal.SIGSTOP)
+        workers = [w.pid for w in self.stack.workers if w is not None and w.alive]
+        try:
+            for pid in workers:  # main processes: they stop fetching; the pools idle
+                send_signal(pid, signal.SIGSTOP)
+            time.sleep(fault.hold)
+            send_signal(pump.pid, signal.SIGSTOP)
+        finally:
+            for pid in workers:
+                send_signal(pid, signal.SIGCONT)
         try:
             deadline = time.monotonic() + 10
-            while client.llen(queue) == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(fault.hold)
-            done.note = f"{client.llen(queue)} acks unread"
+            while time.monotonic() < deadline and sum(map(client.llen, QUEUES)) > 0:
+                time.sleep(0.05)
+            time.sleep(0.2)  # the last acks of the last tasks
+            done.note = f"{client.llen(queue)} acks unread by the paused pump"
             self.stack.redis.restart()
             self._back(done)
         finally:
-            os.kill(pump.pid, signal.SIGCONT)
+            send_signal(pump.pid, signal.SIGCONT)
 
     # ------------------------------------------------------------------ processes
     def _pump_kill(self, fault: Fault, done: Injected) -> None:
+        old = self.stack.pump
         self.stack.kill_pump()
         time.sleep(fault.hold)
-        self.stack.start_pump()
+        new = self.stack.start_pump()
         self._back(done)
+        done.note = f"pid {old.pid if old else '?'} killed, pid {new.pid} resumed"
 
     def _worker_kill(self, fault: Fault, done: Injected) -> None:
         index = fault.target % len(self.stack.workers)
+        old = self.stack.workers[index]
+        pool = self.stack.pool_children(index)
         self.stack.kill_worker(index)
         time.sleep(fault.hold)
-        self.stack.start_worker(index)
+        new = self.stack.start_worker(index)
         self._back(done)
+        done.note = (f"pid {old.pid if old else '?'} and its pool {pool} killed, "
+                     f"pid {new.pid} ready")  # fmt: skip
 
     def _pool_child_kill(self, fault: Fault, done: Injected) -> None:
         index = fault.target % len(self.stack.workers)

@@ -10,7 +10,7 @@ Both come with ``worker_consumer = "tasks.watchdog:Consumer"`` (set in tasks.app
    attempt every 2 s is nothing for a broker).
 2. **A stuck-consumer watchdog** (the ``Watchdog`` bootstep), for the failure behind
    celery#8030, #8082 and #10205: the worker is connected, its event loop runs, but its
-   consumer no longer fetches (e.g. the BRPOP socket fell out of the poller). Every
+   consumer no longer fetches (its BRPOP socket no longer polled: kombu#2492, #2629). Every
    ``CHECK_INTERVAL`` seconds, from the worker's event loop, it looks at the worker's own
    state: no request reserved, running or scheduled, and no task started since the last
    look. Only then does it ask the broker, on its own short-timeout connection, whether
@@ -52,7 +52,7 @@ CHECK_INTERVAL = 5.0  # seconds between looks: a stuck consumer is healed in 5-1
 STRIKES = 2  # looks in a row that see an idle worker and queued work
 MAX_HEALS = 3  # reconnections without a task started before the worker exits
 # The queue-depth probe runs on the event loop: it must never hang it for long.
-PROBE_TIMEOUT = 2.0
+PROBE_TIMEOUT = 1.0
 
 
 class ConsumerStalledError(ConnectionError):
@@ -121,6 +121,7 @@ class QueueProbe:
             if self._channel is None:
                 options = {"socket_timeout": PROBE_TIMEOUT, "socket_connect_timeout": PROBE_TIMEOUT}
                 self._conn = self._app.connection_for_read(transport_options=options)
+                self._conn.ensure_connection(max_retries=0)  # one attempt, no sleeping
                 self._channel = self._conn.channel()
             return sum(self._depth(name) for name in queues)
         except Exception as exc:  # any broker trouble: no verdict this time

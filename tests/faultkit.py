@@ -237,6 +237,13 @@ class Pipeline:
         assert DeadLetterStore(str(self.stack.wal_dir)).list() == []
         return result
 
+    def all_workers_consuming(self) -> None:
+        """Every worker took tasks since its latest (re)connection, not just one of them."""
+        for worker in self.workers:
+            log = self.stack.log_of(worker)
+            since = log[log.rfind("Connected to") :]
+            assert since.startswith("Connected to") and " received" in since, worker.pid
+
     def ack_queue_length(self) -> int:
         return int(self.redis.client().llen(ack_queue(self.snapshot().wal_id)))
 

@@ -21,7 +21,7 @@ from tasks.localstack import LocalStack
 from tasks.processes import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED = 10  # 20 s with --mean-gap 3: broker-restart, acks-lost, worker-kill, pump-kill, ...
+SEED = 10  # 20 s with --mean-gap 3: broker-restart, acks-lost, worker-kill, pump-kill
 
 
 def chaos(*args: str) -> list[str]:
@@ -94,6 +94,8 @@ def test_a_short_chaos_run_loses_nothing_and_stops_everything(tmp_path: Path) ->
     broker = [f for f in report["faults"] if f["kind"] in BROKER_KINDS]
     assert broker and all(f["recovery"] is not None for f in broker)
     assert report["longest_broker_recovery"] == max(f["recovery"] for f in broker)
+    acks_lost = [f for f in report["faults"] if f["kind"] == "acks-lost"]
+    assert acks_lost and int(acks_lost[0]["note"].split()[0]) > 0  # done, unacked, then lost
     assert f"--seed {SEED}" in report["replay"]
     assert report["wal"]["pending"] == 0
     assert report["left_running"] == [] and processes_mentioning(str(workdir)) == []

@@ -74,6 +74,7 @@ def test_redis_killed_mid_stream_and_restarted_empty_twice(pipe: Pipeline) -> No
     journal = producers.journal()
     assert journal.errors == []
     result = pipe.check("kill2-", journal)
+    pipe.all_workers_consuming()
     assert sessions(pipe) == before + 2  # each restart seen as a new session: all re-sent
     for rec in recoveries:
         assert rec.started < RECOVERY_BOUND, rec
@@ -104,6 +105,7 @@ def test_redis_down_when_the_pump_and_workers_start(pipe: Pipeline) -> None:
     journal = producers.journal()
     assert journal.errors == []
     result = pipe.check("cold-", journal)
+    pipe.all_workers_consuming()
     assert recovery.started < RECOVERY_BOUND, recovery
     report("redis-down-at-start", purchases=len(journal.acked), recovery=recovery,
            duplicates=sum(result.duplicates.values()))  # fmt: skip
@@ -113,7 +115,7 @@ def test_redis_down_when_the_pump_and_workers_start(pipe: Pipeline) -> None:
 def test_redis_unreachable_for_60s_producers_do_not_notice(pipe: Pipeline) -> None:
     """30 s frozen (SIGSTOP: connections open, no answer, as in a network partition), then
     killed and away 30 s more (connections refused), then back empty."""
-    rate, count = 8.0, 3
+    rate, count = 5.0, 3
     producers = Producers(pipe.stack, "away-", count=count, rate=rate).start()
     flowing(pipe, "away-")
     time.sleep(2)
@@ -134,8 +136,9 @@ def test_redis_unreachable_for_60s_producers_do_not_notice(pipe: Pipeline) -> No
     # They kept appending at their pace, without waiting on the broker: any append that
     # touched it would have waited its 5 s connect or 30 s socket timeout.
     assert len(during) >= 0.8 * rate * count * (back - down), latency_summary(during)
-    assert max(during) < 1.0, latency_summary(during)
+    assert max(during) < 2.0, latency_summary(during)
     result = pipe.check("away-", journal)
+    pipe.all_workers_consuming()
     assert recovery.started < RECOVERY_BOUND, recovery
     report("redis-away-60s", purchases=len(journal.acked), outage=f"{back - down:.0f}s",
            recovery=recovery, duplicates=sum(result.duplicates.values()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from celery.exceptions import WorkerShutdown
 from kombu.exceptions import OperationalError
 from stack import free_port
 
@@ -15,6 +16,7 @@ from tasks.watchdog import (
     MAX_HEALS,
     RECONNECT_MAX,
     Consumer,
+    ConsumerStalledError,
     StuckDetector,
     Verdict,
     Watchdog,
@@ -44,10 +46,17 @@ def test_progress_busy_or_empty_queues_are_not_stuck() -> None:
 
 def test_the_broker_is_asked_only_about_an_idle_worker_that_made_no_progress() -> None:
     d = StuckDetector()
-    asked: list[int] = []
-    d.observe(False, 1, lambda: asked.append(1) or 1)
-    d.observe(True, 2, lambda: asked.append(2) or 1)
+    asked: list[bool] = []
+
+    def queued() -> int:
+        asked.append(True)
+        return 1
+
+    d.observe(False, 1, queued)  # busy
+    d.observe(True, 2, queued)  # a task started since
     assert asked == []
+    d.observe(True, 2, queued)
+    assert asked == [True]
 
 
 def test_reconnections_that_do_not_help_end_in_exit() -> None:
@@ -56,6 +65,40 @@ def test_reconnections_that_do_not_help_end_in_exit() -> None:
     assert verdicts.count(Verdict.RECONNECT) == MAX_HEALS
     assert verdicts[-1] is Verdict.EXIT
     assert look(d, True, 1, 1) is Verdict.OK and d.heals == 0  # progress forgives
+
+
+class FakeProbe:
+    """Stands in for the broker query (the fault suite runs the real one)."""
+
+    def __init__(self, waiting: int) -> None:
+        self.count = waiting
+        self.asked: list[list[str]] = []
+
+    def waiting(self, queues: list[str]) -> int:
+        self.asked.append(queues)
+        return self.count
+
+
+def test_check_raises_into_the_event_loop_then_shuts_the_worker_down() -> None:
+    class Queue:
+        name = "warehouse"
+
+    class Parent:
+        connection = object()
+        task_consumer = type("TaskConsumer", (), {"queues": [Queue()]})()
+
+    step = Watchdog.__new__(Watchdog)
+    probe = FakeProbe(3)
+    step.detector, step.probe = StuckDetector(), probe  # type: ignore[assignment]
+    raised: list[type[BaseException]] = []
+    for _ in range(2 * (MAX_HEALS + 1)):
+        try:
+            step.check(Parent())
+        except (ConsumerStalledError, WorkerShutdown) as exc:
+            raised.append(type(exc))
+    assert raised == [ConsumerStalledError] * MAX_HEALS + [WorkerShutdown]
+    assert isinstance(ConsumerStalledError(), OSError)  # every transport's connection error
+    assert probe.asked[0] == ["warehouse"]
 
 
 def test_the_watchdog_needs_the_event_loop() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sqlite3
 import statistics
@@ -30,6 +29,7 @@ from stack import RedisServer, Stack, stop_process, wait_until
 from tasks.audit import Audit, WalMonitor, audit
 from tasks.deadletters import DeadLetterStore
 from tasks.ledger import effects
+from tasks.processes import send_signal
 from tasks.publisher import ack_queue
 from walstore.inspect import Snapshot, snapshot
 
@@ -53,19 +53,9 @@ def suite_env(marks: Path) -> dict[str, str]:
     }
 
 
-def children_of(pid: int) -> list[int]:
-    """The pool processes of a worker (its direct children), from /proc."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
 def kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+        send_signal(pid, sig)
 
 
 @dataclass
@@ -176,13 +166,24 @@ class Pipeline:
                    lambda: self.stack._ready(proc, marker), timeout)  # fmt: skip
 
     def heal(self) -> None:
-        """Whatever an earlier case left dead is started again (as supervisors would)."""
+        """Whatever an earlier case left dead is started again (as supervisors would),
+        whatever it left stopped (SIGSTOP) is continued."""
+        live = [p for p in (self.redis.proc, self.pump, *self.workers) if p is not None]
+        kill_pids([p.pid for p in live if p.poll() is None], signal.SIGCONT)
         if self.redis.proc is None or self.redis.proc.poll() is not None:
             self.redis.start()
         self.workers = [w for w in self.workers if w.poll() is None]
         self.start_workers(max(0, 2 - len(self.workers)))
         if self.pump is None or self.pump.poll() is not None:
             self.start_pump()
+
+    def stop_strays(self, since: int) -> None:
+        """Stop what a case started after ``since`` (its index in ``stack.procs``) and
+        left running, other than workers and the pump: producers of a failed case."""
+        keep = {id(p) for p in (self.pump, *self.workers)}
+        for proc in self.stack.procs[since:]:
+            if id(proc) not in keep:
+                stop_process(proc, signal.SIGTERM, timeout=30)
 
     def stop_all(self) -> None:
         self.monitor.stop()
@@ -223,7 +224,7 @@ class Pipeline:
 
         try:
             wait_until("the backlog to drain", drained, DRAIN_TIMEOUT, 0.3)
-        except AssertionError:
+        except Exception:  # a timeout: say what is missing
             result = audit(attempted, acked, self.stack.ledger_url, prefix)
             raise AssertionError(f"not drained: {result.as_dict()} {self.snapshot()}") from None
         result = audit(attempted, acked, self.stack.ledger_url, prefix)

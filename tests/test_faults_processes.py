@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from faultkit import WALSTORE, Pipeline, Producers, children_of, kill_pids, report
+from faultkit import WALSTORE, Pipeline, Producers, kill_pids, paused, report
 from stack import wait_until
 
 from tasks.checkout import record_purchase
 from tasks.entry import parse_task_id
 from tasks.loadgen import purchase
+from tasks.processes import children_of, kill_busy
 from walstore import Options, Wal
 
 pytestmark = [pytest.mark.faults]
@@ -39,8 +40,11 @@ def pipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
 
 
 @pytest.fixture(autouse=True)
-def healed(pipe: Pipeline) -> None:
+def healed(pipe: Pipeline) -> Iterator[None]:
     pipe.heal()
+    started = len(pipe.stack.procs)
+    yield
+    pipe.stop_strays(started)  # a failed case must not leave producers appending
 
 
 def flowing(pipe: Pipeline, producers: Producers) -> None:
@@ -73,12 +77,15 @@ def record_slow(pipe: Pipeline, purchase_id: str, when: str) -> tuple[str, int, 
 def test_pump_killed_mid_stream_and_restarted(pipe: Pipeline) -> None:
     producers = Producers(pipe.stack, "pump-", count=3, rate=20).start()
     flowing(pipe, producers)
-    time.sleep(2)
+    time.sleep(1)
     assert pipe.pump is not None
     old = pipe.pump
-    assert pipe.snapshot().pending > 0
-    pipe.stack.stop(old, signal.SIGKILL)
+    with paused([w.pid for w in pipe.workers]):  # slow workers: entries pile up in flight
+        time.sleep(1)
+        assert pipe.queued() > 0
+        pipe.stack.stop(old, signal.SIGKILL)
     persisted = pipe.snapshot().low_water_mark
+    assert pipe.snapshot().next_lsn > persisted  # unconfirmed entries the new pump owes
     time.sleep(1)
     pipe.start_pump()
     back = time.monotonic()
@@ -152,10 +159,12 @@ def test_a_worker_main_process_killed_mid_task(pipe: Pipeline) -> None:
 @pytest.mark.timeout(150)
 def test_producers_killed_mid_append(pipe: Pipeline) -> None:
     rng = random.Random(4)
-    producers = Producers(pipe.stack, "pk-", count=6, rate=0, max_count=300).start()
+    producers = Producers(pipe.stack, "pk-", count=6, rate=100).start()
     flowing(pipe, producers)
-    for proc in producers.procs:  # full speed: nearly always inside record_purchase
-        time.sleep(rng.uniform(0.05, 0.3))
+    how = []
+    for proc in producers.procs:  # each caught in fsync (mid-append) if it can be
+        time.sleep(rng.uniform(0.02, 0.2))
+        how.append(kill_busy([proc.pid], wait=3.0))
         pipe.stack.stop(proc, signal.SIGKILL)
     journal = producers.journal()
     unanswered = journal.attempted - set(journal.acked)
@@ -170,4 +179,5 @@ def test_producers_killed_mid_append(pipe: Pipeline) -> None:
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
     report("producer-kill", purchases=len(journal.acked), killed_mid_append=len(unanswered),
+           in_fsync=sum("in fsync" in h for h in how),
            committed_unanswered=result.unacknowledged_delivered)  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,6 @@ from stack import RedisServer, Stack, stop_process, wait_until
 
 from tasks.audit import Audit, WalMonitor, audit
 from tasks.deadletters import DeadLetterStore
-from tasks.ledger import effects
 from tasks.processes import send_signal
 from tasks.publisher import ack_queue
 from walstore.inspect import Snapshot, snapshot
@@ -194,10 +192,6 @@ class Pipeline:
     def snapshot(self) -> Snapshot:
         return snapshot(str(self.stack.wal_dir))
 
-    def effect_rows(self) -> int:
-        with contextlib.closing(sqlite3.connect(self.stack.tmp / "ledger.sqlite3")) as db:
-            return int(db.execute(f"SELECT count(*) FROM {effects.name}").fetchone()[0])
-
     def recovery(self, since: float, timeout: float = 60) -> Recovery:
         """Watch the low water mark from ``since`` (the broker back) on."""
         before = self.snapshot()
@@ -251,6 +245,31 @@ class Pipeline:
     def queued(self) -> int:
         client = self.redis.client()
         return int(client.llen("warehouse")) + int(client.llen("finance"))
+
+
+@contextlib.contextmanager
+def running_pipeline(tmp: Path) -> Iterator[Pipeline]:
+    """Redis, two workers, the pump and the monitor, all stopped at the end."""
+    pipeline = Pipeline(tmp)
+    try:
+        pipeline.redis.start()
+        pipeline.start_workers(2)
+        pipeline.start_pump()
+        pipeline.monitor.start()
+        yield pipeline
+    finally:
+        pipeline.stop_all()
+
+
+@contextlib.contextmanager
+def one_case(pipe: Pipeline) -> Iterator[None]:
+    """A case of a shared pipeline: healed first; its stray producers stopped after."""
+    pipe.heal()
+    started = len(pipe.stack.procs)
+    try:
+        yield
+    finally:
+        pipe.stop_strays(started)  # a failed case must not leave producers appending
 
 
 @contextlib.contextmanager

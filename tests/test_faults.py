@@ -15,7 +15,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from faultkit import RECOVERY_BOUND, Pipeline, Producers, latency_summary, paused, report
+from faultkit import (
+    RECOVERY_BOUND,
+    Pipeline,
+    Producers,
+    latency_summary,
+    one_case,
+    paused,
+    report,
+    running_pipeline,
+)
 from stack import wait_until
 
 pytestmark = [pytest.mark.faults]
@@ -23,23 +32,14 @@ pytestmark = [pytest.mark.faults]
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    pipeline = Pipeline(tmp_path_factory.mktemp("faults-broker"))
-    try:
-        pipeline.redis.start()
-        pipeline.start_workers(2)
-        pipeline.start_pump()
-        pipeline.monitor.start()
+    with running_pipeline(tmp_path_factory.mktemp("faults-broker")) as pipeline:
         yield pipeline
-    finally:
-        pipeline.stop_all()
 
 
 @pytest.fixture(autouse=True)
-def healed(pipe: Pipeline) -> Iterator[None]:
-    pipe.heal()
-    started = len(pipe.stack.procs)
-    yield
-    pipe.stop_strays(started)  # a failed case must not leave producers appending
+def case(pipe: Pipeline) -> Iterator[None]:
+    with one_case(pipe):
+        yield
 
 
 def sessions(pipe: Pipeline) -> int:

@@ -39,6 +39,7 @@ def received(app: PurchaseApp, wal_id: str = WAL) -> list[Ack | None]:
                     msg = queue.get(timeout=0.1)
                 except queue.Empty:
                     return out
+                assert msg.body is not None
                 out.append(decode_ack(msg.body))
         finally:
             queue.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import redis
 from stack import RedisServer
 
 from tasks.acks import send_ack
@@ -35,7 +36,8 @@ Fetched = tuple[str, str, list[Any], dict[str, Any]]
 
 
 class Harness(Protocol):
-    publisher: Publisher
+    @property
+    def publisher(self) -> Publisher: ...
 
     def fetch(self, queue: str, n: int) -> list[Fetched]: ...
     def send_ack(self, ack: Ack) -> None: ...
@@ -116,6 +118,12 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
     finally:
         kombu.close()
         server.kill()
+
+
+def pop(client: redis.Redis, key: str) -> bytes:
+    raw = client.rpop(key)
+    assert isinstance(raw, bytes), f"nothing on {key}"
+    return raw
 
 
 def msg(lsn: int, target: str, queue: str | None = None) -> TaskMessage:
@@ -202,8 +210,8 @@ def test_messages_are_what_celery_itself_would_send(tmp_path: Path) -> None:
         kombu.app.send_task(ours.name, ours.args, ours.kwargs, task_id=ours.task_id,
                             queue="celery-made")  # fmt: skip
         client = server.client()
-        mine = json.loads(client.rpop("warehouse") or b"")
-        theirs = json.loads(client.rpop("celery-made") or b"")
+        mine = json.loads(pop(client, "warehouse"))
+        theirs = json.loads(pop(client, "celery-made"))
     finally:
         kombu.close()
         server.kill()

@@ -1,6 +1,7 @@
-"""Worker-side defences against a consumer that stops consuming after a broker outage.
+"""Worker-side defences against a consumer that dies or stops consuming after a broker
+outage.
 
-Both come with ``worker_consumer = "tasks.watchdog:Consumer"`` (set in tasks.app):
+All three come with ``worker_consumer = "tasks.watchdog:Consumer"`` (set in tasks.app):
 
 1. **Bounded reconnect backoff.** Celery's consumer reconnects with kombu's defaults:
    2 s after the first failed attempt, 2 s more after each further one, up to 30 s. After a
@@ -22,6 +23,11 @@ Both come with ``worker_consumer = "tasks.watchdog:Consumer"`` (set in tasks.app
    get no task started, it shuts the worker down (exit code 1) for its supervisor
    (docker ``restart: unless-stopped``, systemd) to start a fresh process.
 
+3. **No exit on a lost broker.** The consumer's Redis channels are
+   ``tasks.redis_transport.Channel``, which turns the ``AttributeError`` Celery 5.7 hits
+   when it closes a connection to a dead Redis while holding tasks into the connection
+   error it expects (otherwise: "Unrecoverable error", worker exits 1).
+
 The watchdog only ever acts on an idle worker facing queued work, so it never cancels a
 task. It needs the event loop (prefork, the default pool); with other pools it stays off.
 """
@@ -40,6 +46,8 @@ from celery.exceptions import WorkerShutdown
 from celery.worker import state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.consumer.tasks import Tasks
+
+from . import redis_transport
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +222,9 @@ class Consumer(CeleryConsumer):
         # Celery calls conn.ensure_connection(errback, max_retries, callback=...) with
         # kombu's default intervals; shadowing the method on this one connection object
         # changes only the pauses and keeps all of Celery's retry logic.
+        # Its channels also get the fix that keeps the worker alive when the broker dies
+        # while it holds tasks (see tasks.redis_transport).
+        redis_transport.use_fixed_channel(conn)
         conn.ensure_connection = functools.partial(
             conn.ensure_connection,
             interval_start=RECONNECT_FIRST,

@@ -233,8 +233,10 @@ class Pipeline:
         return result
 
     def all_workers_consuming(self) -> None:
-        """Every worker took tasks since its latest (re)connection, not just one of them."""
+        """Every worker outlived the fault (none exited: see tasks.redis_transport) and
+        took tasks since its latest (re)connection, not just one of them."""
         for worker in self.workers:
+            assert worker.poll() is None, f"worker {worker.pid} exited with {worker.returncode}"
             log = self.stack.log_of(worker)
             since = log[log.rfind("Connected to") :]
             assert since.startswith("Connected to") and " received" in since, worker.pid

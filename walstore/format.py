@@ -7,7 +7,8 @@ Directory layout (``WAL_DIR``, created 0700; every file 0600)::
     00000000000000000000.seg  segments, named by their first LSN: 20 digits, zero padded,
     00000000000000262144.seg  so that names sort in LSN order
     LOCK, append.lock,        flock(2) files: attach (shared by every open process,
-    sync.lock                 exclusive for recovery), the append lock, the group-commit lock
+    sync.lock,                exclusive for recovery), the append lock, the group-commit
+    gate0.lock, gate1.lock    leader lock and the gates its followers wait on
     shm                       state shared by the processes that have the log open
                               (mmap'd; never trusted after a crash, rebuilt on recovery)
     torn/                     copies of torn tails cut off at recovery, for forensics

@@ -45,6 +45,10 @@ from .shm import (
     WriteState,
 )
 
+# Commit gates flushes take turns on (see shm.CommitGate): 2 measured 14.6k -> 22-23.7k
+# durable appends/s with 16 producers here; 3 or 4 did no better.
+GATES = 2
+
 
 @dataclass(frozen=True)
 class Status:
@@ -82,7 +86,11 @@ class Wal:
         self._attach = AttachLock(join(self._dir, "LOCK"))
         self._shm = SharedState(join(self._dir, "shm"))
         self._wlock = FileLock(join(self._dir, "append.lock"))
-        self._gate = CommitGate(join(self._dir, "sync.lock"), join(self._dir, "gate.lock"))
+        self._gate = CommitGate(
+            join(self._dir, "sync.lock"),
+            [join(self._dir, f"gate{i}.lock") for i in range(GATES)],
+            self._shm,
+        )
         try:
             self._attach_and_recover()
             self.wal_id = load_meta(self._fs, self._dir, create=False).hex()

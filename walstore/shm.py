@@ -13,6 +13,8 @@ serialise on each other:
   holder cleans up after it (so a half record never ends up in the middle of the log).
 - the sync region (sync lock): the high water mark (every LSN below it is durable) and
   the poisoned flag (an fsync failed; nothing more is acknowledged).
+- the flush sequence number (written by the flush leader): which commit gate the flush
+  in progress uses (see CommitGate).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ _WRITE = struct.Struct("<QIIQQQQI")  # +crc
 _WRITE_OFF = 64
 _SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
 _SYNC_OFF = 192
+_SEQ = struct.Struct("<Q")  # flush sequence number: picks the commit gate (CommitGate)
+_SEQ_OFF = 256
 
 INTENT_NONE = 0
 INTENT_APPEND = 1  # bytes [offset, pending_end) may hold a partial write of a dead process
@@ -115,6 +119,13 @@ class SharedState:
     def set_sync(self, synced_lsn: int, poisoned: bool) -> None:
         _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, int(poisoned))
 
+    # -- flush sequence (written by the flush leader only; any value is safe) --
+    def flush_seq(self) -> int:
+        return int(_SEQ.unpack_from(self._mm, _SEQ_OFF)[0])
+
+    def set_flush_seq(self, seq: int) -> None:
+        _SEQ.pack_into(self._mm, _SEQ_OFF, seq & 0xFFFFFFFFFFFFFFFF)
+
 
 class FileLock:
     """An exclusive flock(2) plus a thread lock: flock alone does not exclude threads
@@ -157,20 +168,27 @@ class FileLock:
 class CommitGate:
     """Leader election for group commit, across threads and processes.
 
-    The leader holds ``lead`` (exclusive, taken without waiting) and ``gate``
-    (exclusive) while it flushes. Everyone else waits on ``gate`` in shared mode without
-    taking it (as PostgreSQL's LWLockAcquireOrWait): all waiters wake at once when the
-    flush ends, most find their records covered, and one of the rest becomes the next
-    leader. Nobody queues to take ``lead``, so there is no convoy of processes waking one
-    by one only to find there is nothing left to do.
+    The leader holds ``lead`` (exclusive, taken without waiting) and the gate of its
+    flush (exclusive) while it flushes. Everyone else waits on that gate in shared mode
+    without keeping it (as PostgreSQL's LWLockAcquireOrWait): all waiters wake at once
+    when the flush ends, most find their records covered, and one of the rest becomes the
+    next leader. Nobody queues to take ``lead``, so there is no convoy of processes waking
+    one by one only to find there is nothing left to do.
+
+    Flushes take turns on ``len(gate_paths)`` gates (flush ``n`` uses gate ``n % len``;
+    ``n`` lives in the shared state). With one gate, the next leader, woken on the other
+    core, took the gate back before most of the woken waiters had run; flock(2) then put
+    them back to sleep, and a record already durable waited through a second flush.
     """
 
-    def __init__(self, lead_path: str, gate_path: str) -> None:
+    def __init__(self, lead_path: str, gate_paths: list[str], state: SharedState) -> None:
         self._lead = os.open(lead_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._gate = os.open(gate_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._gates = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for p in gate_paths]
         # Waiting uses its own open file description: a shared flock on the leader's
         # descriptor would convert the leader's exclusive lock instead of waiting.
-        self._wait = os.open(gate_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._waits = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in gate_paths]
+        self._state = state
+        self._held = -1
         self._thread = threading.Lock()
 
     def try_lead(self) -> bool:
@@ -185,21 +203,25 @@ class CommitGate:
             self._thread.release()
             raise
         # Only waits for followers passing through their shared lock.
-        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        self._held = self._state.flush_seq() % len(self._gates)
+        fcntl.flock(self._gates[self._held], fcntl.LOCK_EX)
         return True
 
     def end_lead(self) -> None:
+        # Waiters that look from now on wait for the next flush, on the next gate.
+        self._state.set_flush_seq(self._state.flush_seq() + 1)
         fcntl.flock(self._lead, fcntl.LOCK_UN)
-        fcntl.flock(self._gate, fcntl.LOCK_UN)
+        fcntl.flock(self._gates[self._held], fcntl.LOCK_UN)
         self._thread.release()
 
     def wait(self) -> None:
         """Sleep until the current flush (if any) ends."""
-        fcntl.flock(self._wait, fcntl.LOCK_SH)
-        fcntl.flock(self._wait, fcntl.LOCK_UN)
+        fd = self._waits[self._state.flush_seq() % len(self._waits)]
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        for fd in (self._lead, self._gate, self._wait):
+        for fd in (self._lead, *self._gates, *self._waits):
             os.close(fd)
 
 

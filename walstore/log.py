@@ -387,6 +387,11 @@ class Wal:
             if shm.poisoned():
                 raise self._poisoned_error()
             gate.wait()
+            # A flush's end wakes every waiter at once; each steps aside once so that the
+            # new leader and the append-lock holder are not preempted by the herd
+            # (measured: 16 producers ~21.6k -> ~25.7k appends/s; yielding only when the
+            # wait did not sleep gained nothing).
+            os.sched_yield()
             spins += 1
             if spins % 8 == 0:
                 # A new leader may hold the lead lock but not yet the gate (or be

@@ -121,9 +121,12 @@ class WalMonitor:
         return s
 
     def stop(self) -> None:
+        """Stop sampling, after one last sample: what the caller waited for (a drained
+        log, say) may have happened since the previous one, up to ``interval`` ago."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        self.sample()
 
     def recovery(self, since: float, target_lsn: int) -> float | None:
         """Seconds from ``since`` until the low water mark reached ``target_lsn``; None

@@ -49,11 +49,16 @@ class Reader:
             self._fd = -1
 
     def __iter__(self) -> Iterator[Record]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Iterator[list[Record]]:
+        """``read()`` until the high water mark (as of each batch) is reached."""
         while True:
             batch = self.read()
             if not batch and self.next_lsn >= self._hwm():
                 return
-            yield from batch
+            yield batch
 
     def read(self, max_records: int = 4096, hwm: int | None = None) -> list[Record]:
         """Up to ``max_records`` (lsn, payload) records in [next_lsn, high water mark)."""

@@ -188,6 +188,8 @@ class CommitGate:
         # descriptor would convert the leader's exclusive lock instead of waiting.
         self._waits = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in gate_paths]
         self._state = state
+        # The gate taken, remembered rather than re-read from the shared state at the end:
+        # unlocking a gate not held would leave the held one locked for good.
         self._held = -1
         self._thread = threading.Lock()
 

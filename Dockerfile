@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md worker.py flowerconfig.py ./
 COPY walstore ./walstore
+COPY walrelay ./walrelay
 COPY tasks ./tasks
 RUN pip install . \
  && useradd --system --uid 10001 --home-dir /app walpurchase \

@@ -16,7 +16,7 @@ faults: setup
 	.venv/bin/pytest -m faults
 
 demo: setup
-	.venv/bin/python -m tasks.demo
+	.venv/bin/python -m tools.demo
 
 bench: setup
 	.venv/bin/python -m bench

@@ -189,9 +189,9 @@ def relay_delay(n: int, tag: str) -> float:
 
 def relay_pump(app: Any, wal_dir: Path, n: int, tag: str) -> float:
     from tasks.checkout import purchase_entry
-    from tasks.deadletters import DeadLetterStore
-    from tasks.kombu_publisher import KombuPublisher
-    from tasks.pump import Pump, PumpConfig
+    from walrelay.brokers.kombu import KombuPublisher
+    from walrelay.deadletters import DeadLetterStore
+    from walrelay.pump import Pump, PumpConfig
     from walstore import Options, SyncPolicy, Wal
 
     shutil.rmtree(wal_dir, ignore_errors=True)

@@ -11,7 +11,8 @@ from typing import Any
 
 from celery import Celery
 
-from . import acks
+from walrelay import Relay
+
 from .checkout import FINANCE_TASK, WAREHOUSE_TASK
 from .config import Settings
 
@@ -19,9 +20,11 @@ TASK_MODULES = ["tasks.warehouse", "tasks.finance"]
 
 
 class PurchaseApp(Celery):
-    """A Celery app that carries the product's settings (tasks read them from here)."""
+    """A Celery app that carries the example's settings (tasks read them from here) and
+    its relay."""
 
     purchase_settings: Settings
+    relay: Relay
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -57,6 +60,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "confirm_publish": True,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
+            **settings.broker_transport_options,
         },
         # Broker down is an outage to ride out, never a reason to exit: retry forever,
         # at startup too.
@@ -64,10 +68,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_channel_error_retry": True,
-        # ... and back within ~2 s of the broker's return: Celery's consumer with its
-        # reconnect pauses capped at 2 s (kombu's grow to 30 s), plus a watchdog that
-        # rebuilds a consumer left connected but not consuming (see tasks.watchdog).
-        "worker_consumer": "tasks.watchdog:Consumer",
+        # ... and back within ~2 s of the broker's return: the Relay makes workers use
+        # walrelay's consumer (see walrelay.worker.consumer).
         # On connection loss the running late-ack tasks will be delivered again (AMQP)
         # or re-sent by the pump (Redis restarts empty): cancel them instead of letting
         # them finish into a duplicate.
@@ -93,7 +95,10 @@ def create_app(settings: Settings | None = None) -> PurchaseApp:
     app = PurchaseApp("walpurchase", include=TASK_MODULES)
     app.purchase_settings = settings
     app.conf.update(celery_config(settings))
-    acks.install()
+    app.relay = Relay(app, settings=settings.relay)
+    from .ledger_cli import ledger  # imports this module: only once the app exists
+
+    app.relay.add_command(ledger)
     return app
 
 

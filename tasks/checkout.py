@@ -12,9 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from walrelay.record import Entry, TaskSpec
 from walstore import Options, Wal
-
-from .entry import Entry, TaskSpec
 
 WAREHOUSE_TASK = "tasks.warehouse.reserve_stock"
 FINANCE_TASK = "tasks.finance.record_revenue"

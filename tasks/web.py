@@ -6,7 +6,7 @@ process opens its own handle on the shared log on first use (``checkout.wal_for`
 
 Configuration (read per request, never at import): ``WAL_DIR``, ``WAL_SYNC``,
 ``WAL_SEGMENT_BYTES``, ``WAL_MAX_BYTES`` for the log, ``LEDGER_URL`` for GET, and
-``PROMETHEUS_MULTIPROC_DIR`` for metrics across workers (see ``tasks.metrics``).
+``PROMETHEUS_MULTIPROC_DIR`` for metrics across workers (see ``walrelay.metrics``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from walrelay.metrics import CONTENT_TYPE_LATEST, FsyncTimingFs, render_web_metrics, web_metrics
 from walstore import LogFullError, LogPoisonedError, Options, RecordTooLargeError, Wal, WalError
 
 from . import checkout, web_schema
 from .checkout import InvalidPurchaseError
-from .metrics import CONTENT_TYPE_LATEST, FsyncTimingFs, render_web_metrics, web_metrics
 from .web_middleware import BodyLimit, RequestMetrics
 
 log = logging.getLogger(__name__)

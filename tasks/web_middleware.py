@@ -10,7 +10,7 @@ import json
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import web_metrics
+from walrelay.metrics import web_metrics
 
 
 def _declared_length(scope: Scope) -> int | None:

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack import RedisServer, Stack
+
+from tests.support.stack import RedisServer, Stack
 
 
 @pytest.fixture

@@ -22,10 +22,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from tasks.ledger import Ledger, effects
 from walstore import WalError
 from walstore.inspect import Snapshot
-
-from .ledger import Ledger, effects
 
 TARGETS = ("warehouse", "finance")
 

@@ -1,13 +1,12 @@
 """The chaos command: run the whole pipeline locally, break it on a seeded schedule, wait
 for the drain, and report what the users were promised against what happened.
 
-    python -m tasks.chaos --duration 300 --seed 42 [--json]
-    celery -A worker chaos --duration 300 --seed 42        (the same, as a sub-command)
+    python -m tools.chaos --duration 300 --seed 42 [--json]
 
 A ``LocalStack`` in a fresh work directory (default ``var/chaos/seed<seed>-<time>``:
 a private redis-server, workers, the pump, SQLite ledger, small WAL segments so that the
 log rolls over and is pruned under fire) with producer processes appending purchases
-throughout. The faults (``tasks.faults``) come from ``plan(seed, duration)``: the same
+throughout. The faults (``tools.faults``) come from ``plan(seed, duration)``: the same
 seed and duration give the same schedule. After ``--duration`` s the producers stop, the
 command waits (at most ``--drain-timeout`` s) until the log has nothing unconfirmed,
 stops everything it started and prints the report (``--json``: as JSON on stdout).
@@ -29,12 +28,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .audit import Audit, WalMonitor, audit
-from .deadletters import DeadLetterStore
-from .faults import BROKER_KINDS, Fault, Injected, Injector, plan
-from .loadgen import ProducerPool
-from .localstack import LocalStack
-from .processes import StackError, raise_on_sigterm
+from tools.audit import Audit, WalMonitor, audit
+from tools.faults import BROKER_KINDS, Fault, Injected, Injector, plan
+from tools.loadgen import ProducerPool
+from tools.localstack import LocalStack
+from tools.processes import StackError, raise_on_sigterm
+from walrelay.deadletters import DeadLetterStore
 
 # Small segments: a few hundred purchases each, so the log rolls and is pruned often.
 CHAOS_ENV = {"WAL_SEGMENT_BYTES": "262144"}
@@ -42,7 +41,7 @@ CHAOS_ENV = {"WAL_SEGMENT_BYTES": "262144"}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m tasks.chaos", description=__doc__.split("\n\n")[0],
+        prog="python -m tools.chaos", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     p.add_argument("--duration", type=float, default=300.0, help="seconds of load and faults")
@@ -145,7 +144,7 @@ class ChaosRun:
             "seed": self.args.seed,
             "duration": self.args.duration,
             "workdir": str(self.stack.workdir),
-            "replay": f"python -m tasks.chaos --duration {self.args.duration:g} "
+            "replay": f"python -m tools.chaos --duration {self.args.duration:g} "
             f"--seed {self.args.seed}",
             "faults": [d.as_dict() for d in self.injected],
             "skipped_faults": [asdict(f) for f in self.skipped],

@@ -1,6 +1,6 @@
 """The demo: the whole pipeline on this machine, on embedded defaults.
 
-    python -m tasks.demo [--count 3000] [--exit]        (``make demo`` runs it)
+    python -m tools.demo [--count 3000] [--exit]        (``make demo`` runs it)
 
 Starts a ``LocalStack`` in ``var/demo`` (a private redis-server, two Celery workers, the
 pump, the web app with two uvicorn workers, Flower; SQLite ledger), prints the URLs of
@@ -31,10 +31,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .audit import TARGETS, Audit, WalMonitor, audit
-from .loadgen import purchase
-from .localstack import LocalStack
-from .processes import StackError, raise_on_sigterm
+from tools.audit import TARGETS, Audit, WalMonitor, audit
+from tools.loadgen import purchase
+from tools.localstack import LocalStack
+from tools.processes import StackError, raise_on_sigterm
 
 err = Console(stderr=True)
 
@@ -150,7 +150,7 @@ def summary(result: Audit, stack: LocalStack, recovery: float | None, drained: b
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tasks.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=3000, help="purchases to POST (default 3000)")
     p.add_argument("--threads", type=int, default=4, help="concurrent POSTs (default 4)")
     p.add_argument("--workdir", type=Path, default=Path("var/demo"), help="default var/demo")

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from .localstack import LocalStack
-from .processes import kill_busy, send_signal
-from .publisher import ack_queue
+from tools.localstack import LocalStack
+from tools.processes import kill_busy, send_signal
+from walrelay.broker import ack_queue
 
 KINDS = (
     "broker-restart",

@@ -3,7 +3,7 @@
 was told; ``ProducerPool`` starts them in a ``LocalStack``, replaces killed ones and reads
 their journals.
 
-    python -m tasks.loadgen --prefix p1x0 --rate 25 --until EPOCH --journal FILE
+    python -m tools.loadgen --prefix p1x0 --rate 25 --until EPOCH --journal FILE
 
 The journal gets ``try ID`` before the append and ``ok ID LSN`` once the append returned
 (``err ID reason`` when it raised), each line one ``write`` on an O_APPEND file, so a
@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.checkout import record_purchase
+from tools.localstack import LocalStack
+from tools.processes import Proc, kill_busy, wait_until
 from walstore import WalError
-
-from .checkout import record_purchase
-from .localstack import LocalStack
-from .processes import Proc, kill_busy, wait_until
 
 
 def purchase(purchase_id: str, n: int) -> dict[str, Any]:
@@ -93,7 +92,7 @@ class ProducerPool:
 
     def _spawn(self, index: int) -> Proc:
         prefix = f"p{index + 1}x{self.generations[index]}"
-        argv = [sys.executable, "-m", "tasks.loadgen", "--prefix", prefix,
+        argv = [sys.executable, "-m", "tools.loadgen", "--prefix", prefix,
                 "--rate", f"{self.rate / self.count:.3f}", "--until", f"{self.until:.3f}",
                 "--journal", str(self.journals / f"producer-{index + 1}.log")]  # fmt: skip
         return self.stack.spawn(f"producer{index + 1}", argv)
@@ -130,7 +129,7 @@ class ProducerPool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.loadgen", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.loadgen", description=__doc__)
     parser.add_argument("--prefix", required=True, help="purchase ids are PREFIX-N")
     parser.add_argument("--rate", type=float, default=25.0, help="purchases per second")
     parser.add_argument("--until", type=float, required=True, help="stop at this epoch time")

@@ -13,8 +13,8 @@ inject their faults through them. Like a service manager with a restart policy
 (docker-compose's ``restart: unless-stopped``), ``supervise`` restarts a role whose
 process exited without being asked to, and records it in ``crashes``.
 
-Used by ``python -m tasks.demo``, ``python -m tasks.chaos`` and the tests (tests/stack.py
-builds on ``RedisServer`` and the helpers of ``tasks.processes``).
+Used by ``python -m tools.demo``, ``python -m tools.chaos`` and the tests (tests/stack.py
+builds on ``RedisServer`` and the helpers of ``tools.processes``).
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from walstore.inspect import Snapshot, snapshot
-
-from .ledger import Ledger
-from .processes import (
+from tasks.ledger import Ledger
+from tools.processes import (
     Proc,
     StackError,
     celery_bin,
@@ -48,7 +46,8 @@ from .processes import (
     stop_process,
     wait_until,
 )
-from .redis_server import RedisServer
+from tools.redis_server import RedisServer
+from walstore.inspect import Snapshot, snapshot
 
 __all__ = [
     "Crash",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from .processes import StackError, free_port, send_signal, stop_process
+from tools.processes import StackError, free_port, send_signal, stop_process
 
 
 def find_redis_server() -> str:

@@ -1,7 +1,7 @@
 """Worker side of the acks: task_success / task_failure handlers that tell the pump of
 the task's WAL how a delivery went, through the broker (workers may run on other hosts).
 
-Only tasks whose id was made by ``tasks.entry.task_id`` are acked; any other task of
+Only tasks whose id was made by ``walrelay.record.task_id`` are acked; any other task of
 the app (sent with ``.delay()``) is left alone. The handlers run in the process that ran
 the task (a prefork child), so the cost is spread over the pool, not paid by the
 worker's parent process, which is the usual bottleneck.
@@ -16,8 +16,8 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import task_failure, task_success
 
-from .entry import parse_task_id
-from .publisher import Ack, ack_queue, encode_ack
+from .broker import Ack, ack_queue, encode_ack
+from .record import parse_task_id
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _redis_client(app: Celery) -> Any:
 
 def _send(task: Task[Any, Any] | None, task_id: str | None, ok: bool, error: str | None) -> None:
     parsed = parse_task_id(task_id) if task_id else None
-    if parsed is None or task is None:
+    if parsed is None or task is None or id(task.app) not in _bound:
         return
     wal_id, lsn, target = parsed
     try:
@@ -98,7 +98,12 @@ def on_task_failure(
     _send(sender, task_id, False, repr(exception))
 
 
-def install() -> None:
-    """Connect the handlers (idempotent: the dispatch uids make a second call a no-op)."""
+_bound: set[int] = set()  # ids of the apps whose tasks are acked
+
+
+def install(app: Celery) -> None:
+    """Ack the tasks of ``app`` (idempotent: the dispatch uids make a second call a
+    no-op; tasks of other apps in the same process are left alone)."""
+    _bound.add(id(app))
     task_success.connect(on_task_success, weak=False, dispatch_uid="walstore-ack-success")
     task_failure.connect(on_task_failure, weak=False, dispatch_uid="walstore-ack-failure")

@@ -2,7 +2,7 @@
 
 The pump talks only to a ``Publisher``: publish a batch of task messages, drain the acks
 that workers sent back, and tell whether the broker session is still the same one (a
-new session means whatever was queued may be gone). ``tasks.kombu_publisher`` is the
+new session means whatever was queued may be gone). ``walrelay.brokers.kombu`` is the
 real one; ``MemoryPublisher`` below is an in-memory stand-in for unit tests, and one
 contract suite (tests/test_publisher_contract.py) runs against both.
 
@@ -13,19 +13,12 @@ the workers' signal handlers share it.
 from __future__ import annotations
 
 import json
-import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 ACK_QUEUE_PREFIX = "walstore.acks."
 MAX_ERROR_CHARS = 500
-
-
-class BrokerUnavailableError(Exception):
-    """The broker cannot be reached (or a publish failed midway); the pump retries later
-    and re-sends everything in flight once a session is established again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,69 +85,3 @@ class Publisher(Protocol):
         BrokerUnavailableError when the broker cannot be reached."""
 
     def close(self) -> None: ...
-
-
-@dataclass
-class MemoryPublisher:
-    """In-memory broker and publisher for unit tests: queues are deques of TaskMessage,
-    acks a deque. ``restart()`` empties everything and starts a new session, as a Redis
-    restart without persistence does; ``down = True`` makes every call fail, and the
-    session after such a failure is a new one (the connection was lost)."""
-
-    wal_id: str
-    queues: dict[str, deque[TaskMessage]] = field(default_factory=dict)
-    acks: deque[Ack] = field(default_factory=deque)
-    down: bool = False
-    generation: int = 0
-    published: int = 0
-    _lost: bool = False
-
-    def _check(self) -> None:
-        if self.down:
-            self._lost = True  # as a real client would: the next session is a new one
-            raise BrokerUnavailableError("memory broker is down")
-
-    def publish(self, messages: Sequence[TaskMessage]) -> None:
-        self._check()
-        for msg in messages:
-            self.queues.setdefault(msg.queue, deque()).append(msg)
-        self.published += len(messages)
-
-    def drain_acks(self, timeout: float, limit: int = 1000) -> list[Ack]:
-        self._check()
-        if not self.acks and timeout > 0:
-            time.sleep(min(timeout, 0.001))  # never a real wait in unit tests
-        out: list[Ack] = []
-        while self.acks and len(out) < limit:
-            out.append(self.acks.popleft())
-        return out
-
-    def session(self) -> str:
-        self._check()
-        if self._lost:
-            self._lost = False
-            self.generation += 1
-        return f"memory:{self.generation}"
-
-    def close(self) -> None:
-        pass
-
-    # ---------------------------------------------------------------- test controls
-    def send_ack(self, ack: Ack) -> None:
-        """What a worker's task-success/failure handler does."""
-        self._check()
-        if ack.wal_id == self.wal_id:
-            self.acks.append(ack)
-
-    def take(self, queue: str, limit: int = 1_000_000) -> list[TaskMessage]:
-        """Messages a worker would fetch from ``queue`` (removes them)."""
-        q = self.queues.get(queue, deque())
-        out: list[TaskMessage] = []
-        while q and len(out) < limit:
-            out.append(q.popleft())
-        return out
-
-    def restart(self) -> None:
-        self.queues.clear()
-        self.acks.clear()
-        self.generation += 1

@@ -18,16 +18,10 @@ from typing import Any
 
 from walstore import Wal
 
-from .entry import BadEntryError, decode
+from .errors import BadRecordError, DeadLetterNotFoundError
+from .record import decode
 
 SUBDIR = "deadletters"
-
-
-class DeadLetterNotFoundError(KeyError):
-    """No dead letter has this id (list them with ``celery -A worker deadletters list``)."""
-
-    def __str__(self) -> str:  # KeyError's would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -140,7 +134,7 @@ class DeadLetterStore:
         letter = self.get(letter_id)
         try:
             decode(letter.payload)
-        except BadEntryError as exc:
+        except BadRecordError as exc:
             raise ValueError(
                 f"dead letter {letter_id} holds an undecodable entry ({exc}); purge it"
             ) from None

@@ -206,7 +206,7 @@ class WalCollector(Collector):
 
 
 # ---------------------------------------------------------------------- pump metrics
-# (stats attribute, metric name, kind, help), after tasks.pump.PumpStats. Counters are
+# (stats attribute, metric name, kind, help), after walrelay.pump.PumpStats. Counters are
 # exposed with a _total suffix; booleans as 0/1.
 PUMP_FIELDS: tuple[tuple[str, str, str, str], ...] = (
     ("backlog", "pump_backlog_entries", "gauge", "Entries between the low and high water marks."),

@@ -1,7 +1,7 @@
 """The pump: the only reader of the log. Publishes every unconfirmed entry's tasks, applies
 the workers' acks, advances and persists the low water mark, re-sends what looks lost.
 
-Celery-free: it talks to a ``Publisher`` (tasks.publisher), so the same logic runs
+Celery-free: it talks to a ``Publisher`` (walrelay.broker), so the same logic runs
 against the in-memory stub in unit tests and against kombu in production.
 
 One step: check the broker session (a new one means queued tasks may be gone: re-send
@@ -21,9 +21,10 @@ from typing import Any
 
 from walstore import Wal, WalError
 
+from .broker import Ack, Publisher, TaskMessage
 from .deadletters import DeadLetter, DeadLetterStore
-from .entry import BadEntryError, decode
-from .publisher import Ack, BrokerUnavailableError, Publisher, TaskMessage
+from .errors import BadRecordError, BrokerUnavailableError
+from .record import decode
 from .window import (
     InFlight,
     PumpConfig,
@@ -34,7 +35,7 @@ from .window import (
     retry_delay,
 )
 
-logger = logging.getLogger("tasks.pump")
+logger = logging.getLogger("walrelay.pump")
 
 PUBLISH_CHUNK = 1000
 ACK_BATCH = 1000
@@ -46,7 +47,7 @@ __all__ = ["Pump", "PumpConfig", "PumpStats"]
 
 @dataclass
 class PumpStats:
-    """Counters of one pump's life (exported to Prometheus by tasks.metrics)."""
+    """Counters of one pump's life (exported to Prometheus by walrelay.metrics)."""
 
     published: int = 0  # task messages published, first sends and re-sends
     redelivered: int = 0  # of which re-sends (timeouts, failures, broker restarts)
@@ -184,7 +185,7 @@ class Pump:
     def _admit(self, lsn: int, payload: bytes, now: float, out: list[TaskMessage]) -> None:
         try:
             entry = decode(payload)
-        except BadEntryError as exc:
+        except BadRecordError as exc:
             self._dead_letter(lsn, "", payload, {}, f"undecodable entry: {exc}")
             return
         targets = {spec.target: TargetState(spec) for spec in entry.tasks}

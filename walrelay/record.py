@@ -16,12 +16,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import BadRecordError
+
 VERSION = 1
 _TARGET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-class BadEntryError(ValueError):
-    """A record's bytes are not a valid entry (the pump dead-letters such records)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ def decode(payload: bytes) -> Entry:
     try:
         doc = json.loads(payload)
         if not isinstance(doc, dict) or doc.get("v") != VERSION:
-            raise BadEntryError(f"not a version-{VERSION} entry")
+            raise BadRecordError(f"not a version-{VERSION} entry")
         tasks = tuple(
             TaskSpec(
                 target=str(t["target"]),
@@ -72,12 +70,12 @@ def decode(payload: bytes) -> Entry:
         )
         key = str(doc.get("key", ""))
     except (ValueError, KeyError, TypeError) as exc:
-        raise BadEntryError(f"undecodable entry: {exc}") from None
+        raise BadRecordError(f"undecodable entry: {exc}") from None
     if not tasks:
-        raise BadEntryError("entry names no task")
+        raise BadRecordError("entry names no task")
     targets = [t.target for t in tasks]
     if len(set(targets)) != len(targets) or not all(_TARGET.match(t) for t in targets):
-        raise BadEntryError(f"entry targets must be unique names: {targets}")
+        raise BadRecordError(f"entry targets must be unique names: {targets}")
     return Entry(key, tasks)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from .entry import Entry, TaskSpec, task_id
-from .publisher import Ack, TaskMessage
+from .broker import Ack, TaskMessage
+from .record import Entry, TaskSpec, task_id
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tasks.checkout import (
     record_purchase,
     validate,
 )
-from tasks.entry import decode
+from walrelay.record import decode
 from walstore import Options, SyncPolicy, Wal
 
 pytestmark = pytest.mark.timeout(30)

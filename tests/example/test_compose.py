@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = {"redis", "web", "pump", "warehouse", "finance", "flower"}
 CREDENTIALS = {"FLOWER_USER": "admin", "FLOWER_PASSWORD": "s3cret"}

@@ -6,7 +6,7 @@ import pytest
 
 from tasks.app import celery_config
 from tasks.config import Settings
-from tasks.pump_cli import pump_config
+from walrelay.commands.pump import pump_config
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -29,9 +29,13 @@ def test_environment_overrides() -> None:
     assert (s.broker_url, s.wal_dir, s.ledger_url) == (
         "rediss://:secret@redis.example:6380/1", "/data/wal", "postgresql://u@db/ledger",
     )  # fmt: skip
-    assert (s.pump_window, s.pump_ack_timeout, s.pump_max_attempts) == (500, 2.5, 2)
+    assert (s.relay.pump_window, s.relay.pump_ack_timeout, s.relay.pump_max_attempts) == (
+        500,
+        2.5,
+        2,
+    )
     assert s.warehouse_reject_skus == {"a", "b"}
-    cfg = pump_config(s)
+    cfg = pump_config(s.relay)
     assert (cfg.window, cfg.ack_timeout, cfg.max_attempts) == (500, 2.5, 2)
 
 

@@ -15,10 +15,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from web_client import AppClient
 
-from tasks.entry import decode
 from tasks.web import create_app
+from tests.support.web_client import AppClient
+from walrelay.record import decode
 from walstore import Options, Wal
 
 SMALL = 1 << 20

@@ -21,10 +21,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks.entry import decode
+from walrelay.record import decode
 from walstore import Options, Wal
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 4
 REQUESTS = 400
 THREADS = 8

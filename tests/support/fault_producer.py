@@ -4,7 +4,7 @@ bound), like a web worker taking checkouts.
 
     python tests/fault_producer.py JOURNAL PREFIX RATE [MAX_SECONDS] [MAX_COUNT]
 
-Its journal (the format of ``tasks.loadgen``, with timings added) gets ``try ID`` before
+Its journal (the format of ``tools.loadgen``, with timings added) gets ``try ID`` before
 each append and ``ok ID LSN AT LATENCY`` once ``record_purchase`` returned (AT: the
 monotonic clock at return, comparable between processes on one host; LATENCY: seconds
 the append took), or ``err ID REASON`` if it raised. Each line is one write on an
@@ -21,7 +21,7 @@ import sys
 import time
 
 from tasks.checkout import record_purchase
-from tasks.loadgen import purchase
+from tools.loadgen import purchase
 
 
 def main() -> int:

@@ -23,12 +23,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stack import RedisServer, Stack, stop_process, wait_until
-
-from tasks.audit import Audit, WalMonitor, audit
-from tasks.deadletters import DeadLetterStore
-from tasks.processes import send_signal
-from tasks.publisher import ack_queue
+from tests.support.stack import RedisServer, Stack, stop_process, wait_until
+from tools.audit import Audit, WalMonitor, audit
+from tools.processes import send_signal
+from walrelay.broker import ack_queue
+from walrelay.deadletters import DeadLetterStore
 from walstore.inspect import Snapshot, snapshot
 
 TESTS = Path(__file__).resolve().parent
@@ -233,7 +232,7 @@ class Pipeline:
         return result
 
     def all_workers_consuming(self) -> None:
-        """Every worker outlived the fault (none exited: see tasks.redis_transport) and
+        """Every worker outlived the fault (none exited: see walrelay.worker.redis_transport) and
         took tasks since its latest (re)connection, not just one of them."""
         for worker in self.workers:
             assert worker.poll() is None, f"worker {worker.pid} exited with {worker.returncode}"

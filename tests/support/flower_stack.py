@@ -13,9 +13,9 @@ import subprocess
 from dataclasses import dataclass
 
 import httpx
-from stack import CELERY, Stack, free_port, wait_until
 
-from tasks.entry import decode, task_id
+from tests.support.stack import CELERY, Stack, free_port, wait_until
+from walrelay.record import decode, task_id
 from walstore import Options, Wal
 
 USER, PASSWORD = "watcher", "test-only-password"

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.localstack import (
+from tools.localstack import (
     RedisServer,
     free_port,
     ledger_snapshot,
@@ -27,12 +27,12 @@ from tasks.localstack import (
     wal_dir_in,
     worker_argv,
 )
-from tasks.processes import celery_bin
+from tools.processes import celery_bin
 from walstore import Options, Status, Wal
 
 __all__ = ["CELERY", "RedisServer", "Stack", "free_port", "stop_process", "wait_until"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CELERY = celery_bin()
 
 

@@ -1,4 +1,4 @@
-"""The chaos command (tasks.chaos): a seeded schedule, a short real run against a local
+"""The chaos command (tools.chaos): a seeded schedule, a short real run against a local
 stack (private redis-server, workers, pump, producers), and that it stops what it started
 when it is told to stop."""
 
@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tasks.faults import BROKER_KINDS, KINDS, plan
-from tasks.loadgen import ProducerPool
-from tasks.localstack import LocalStack
-from tasks.processes import processes_mentioning
+from tools.faults import BROKER_KINDS, KINDS, plan
+from tools.loadgen import ProducerPool
+from tools.localstack import LocalStack
+from tools.processes import processes_mentioning
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEED = 10  # 20 s with --mean-gap 3: broker-restart, acks-lost, worker-kill, pump-kill
 
 
 def chaos(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tasks.chaos", *args]
+    return [sys.executable, "-m", "tools.chaos", *args]
 
 
 def test_the_schedule_is_a_function_of_the_seed() -> None:
@@ -47,10 +47,11 @@ def test_plan_prints_the_schedule_without_running_anything() -> None:
     assert [(f["at"], f["kind"]) for f in json.loads(out.stdout)] == [
         (f.at, f.kind) for f in expected
     ]
-    celery = str(Path(sys.executable).with_name("celery"))  # the same, as a sub-command
-    argv = [celery, "-A", "worker", "chaos", "--plan", "--json", "--seed", "7", "--duration", "60"]
-    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=50, check=True)
-    assert again.stdout == out.stdout
+    # Tooling, not product: no `celery chaos` in a production install.
+    celery = str(Path(sys.executable).with_name("celery"))
+    argv = [celery, "-A", "worker", "chaos", "--plan"]
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=50)
+    assert again.returncode != 0 and "No such command" in again.stderr
 
 
 def test_the_journal_counts_only_whole_lines(tmp_path: Path) -> None:

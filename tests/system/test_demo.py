@@ -1,4 +1,4 @@
-"""The demo (``python -m tasks.demo``, what ``make demo`` runs) with a small count and
+"""The demo (``python -m tools.demo``, what ``make demo`` runs) with a small count and
 ``--exit``: the whole local stack, purchases over HTTP, a broker restart mid-run, the
 summary, and nothing left running afterwards."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.processes import processes_mentioning
+from tools.processes import processes_mentioning
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow]
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow]
 @pytest.mark.timeout(240)
 def test_the_demo_delivers_every_purchase_across_a_broker_restart(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    argv = [sys.executable, "-m", "tasks.demo", "--count", "300", "--exit", "--json",
+    argv = [sys.executable, "-m", "tools.demo", "--count", "300", "--exit", "--json",
             "--workdir", str(workdir)]  # fmt: skip
     out = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, PUMP_ACK_TIMEOUT="5"),
                          capture_output=True, text=True, timeout=220, check=False)  # fmt: skip

@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from faultkit import (
+
+from tests.support.faultkit import (
     RECOVERY_BOUND,
     Pipeline,
     Producers,
@@ -25,7 +26,7 @@ from faultkit import (
     report,
     running_pipeline,
 )
-from stack import wait_until
+from tests.support.stack import wait_until
 
 pytestmark = [pytest.mark.faults]
 

@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from faultkit import (
+
+from tasks.checkout import record_purchase
+from tests.support.faultkit import (
     WALSTORE,
     Pipeline,
     Producers,
@@ -24,12 +26,10 @@ from faultkit import (
     report,
     running_pipeline,
 )
-from stack import wait_until
-
-from tasks.checkout import record_purchase
-from tasks.entry import parse_task_id
-from tasks.loadgen import purchase
-from tasks.processes import children_of, kill_busy
+from tests.support.stack import wait_until
+from tools.loadgen import purchase
+from tools.processes import children_of, kill_busy
+from walrelay.record import parse_task_id
 from walstore import Options, Wal
 
 pytestmark = [pytest.mark.faults]

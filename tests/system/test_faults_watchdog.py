@@ -1,5 +1,5 @@
 """A worker connected to the broker but no longer consuming (celery#8030, #8082, #10205)
-is detected and healed by tasks.watchdog.
+is detected and healed by walrelay.worker.consumer.
 
 Celery 5.7 / kombu 5.7 resume consuming after every Redis restart and freeze this suite
 tries (test_faults.py), so the stuck state is made on purpose: fault_app drops the BRPOP
@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faultkit import Pipeline, Producers, paused, report
-from stack import wait_until
+
+from tests.support.faultkit import Pipeline, Producers, paused, report
+from tests.support.stack import wait_until
 
 pytestmark = [pytest.mark.faults]
 

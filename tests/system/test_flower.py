@@ -1,4 +1,4 @@
-"""Flower shows the tasks the pump published, by the ids ``tasks.entry.task_id`` derives,
+"""Flower shows the tasks the pump published, by the ids ``walrelay.record.task_id`` derives,
 with the purchase id in their arguments: a private redis-server, a real worker, the real
 pump and ``celery -A worker flower``, read through Flower's HTTP API."""
 
@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from flower_stack import USER, run_purchases_under_flower
-from stack import Stack
+
+from tests.support.flower_stack import USER, run_purchases_under_flower
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.slow]
 

@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 
 import pytest
-from flower_stack import PASSWORD, USER, run_purchases_under_flower
-from stack import ROOT, Stack
+
+from tests.support.flower_stack import PASSWORD, USER, run_purchases_under_flower
+from tests.support.stack import ROOT, Stack
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

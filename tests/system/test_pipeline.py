@@ -8,7 +8,8 @@ import signal
 import time
 
 import pytest
-from stack import Stack, wait_until
+
+from tests.support.stack import Stack, wait_until
 
 pytestmark = [pytest.mark.slow]
 

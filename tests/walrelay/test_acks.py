@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from tasks import acks
 from tasks.app import PurchaseApp, create_app
 from tasks.config import Settings
-from tasks.publisher import Ack, ack_queue, decode_ack
+from walrelay import acks
+from walrelay.broker import Ack, ack_queue, decode_ack
 
 pytestmark = pytest.mark.timeout(30)
 WAL = "c" * 32

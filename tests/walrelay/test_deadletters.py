@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.deadletters import DeadLetter, DeadLetterNotFoundError, DeadLetterStore
-from tasks.entry import Entry, TaskSpec, decode
+from walrelay.deadletters import DeadLetter, DeadLetterStore
+from walrelay.errors import DeadLetterNotFoundError
+from walrelay.record import Entry, TaskSpec, decode
 from walstore import Options, SyncPolicy, Wal
 
 pytestmark = pytest.mark.timeout(30)

@@ -15,9 +15,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from web_client import AppClient
 
-from tasks.metrics import (
+from tasks.web import create_app
+from tests.support.web_client import AppClient
+from walrelay.metrics import (
     PUMP_FIELDS,
     FsyncTimingFs,
     PumpCollector,
@@ -26,12 +27,11 @@ from tasks.metrics import (
     pump_registry,
     start_exporter,
 )
-from tasks.pump import PumpStats
-from tasks.web import create_app
+from walrelay.pump import PumpStats
 from walstore import Options, Wal
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = 8192
 
 
@@ -243,7 +243,7 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PROMETHEUS_MULTIPROC_DIR=str(prom))
     count = textwrap.dedent("""
         import sys
-        from tasks.metrics import web_metrics
+        from walrelay.metrics import web_metrics
         m = web_metrics()
         for _ in range(int(sys.argv[1])):
             m.requests.labels("POST", "/purchases", "201").inc()
@@ -251,7 +251,9 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
     """)
     for n in ("2", "5"):
         subprocess.run([sys.executable, "-c", count, n], env=env, check=True, timeout=30)
-    render = "import sys, tasks.metrics as m; sys.stdout.write(m.render_web_metrics(None).decode())"
+    render = (
+        "import sys, walrelay.metrics as m; sys.stdout.write(m.render_web_metrics(None).decode())"
+    )
     out = subprocess.run(
         [sys.executable, "-c", render], env=env, check=True, timeout=30, capture_output=True
     ).stdout.decode()

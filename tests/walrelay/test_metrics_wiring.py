@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from stack import Stack, free_port, wait_until
-from web_client import AppClient
 
 from tasks import checkout
 from tasks.web import create_app
+from tests.support.stack import Stack, free_port, wait_until
+from tests.support.web_client import AppClient
 
 NS = "walpurchase_"
 

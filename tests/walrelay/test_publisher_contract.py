@@ -14,19 +14,15 @@ from typing import Any, Protocol
 
 import pytest
 import redis
-from stack import RedisServer
 
-from tasks.acks import send_ack
 from tasks.app import create_app
 from tasks.config import Settings
-from tasks.kombu_publisher import KombuPublisher
-from tasks.publisher import (
-    Ack,
-    BrokerUnavailableError,
-    MemoryPublisher,
-    Publisher,
-    TaskMessage,
-)
+from tests.support.stack import RedisServer
+from walrelay.acks import send_ack
+from walrelay.broker import Ack, Publisher, TaskMessage
+from walrelay.brokers.kombu import KombuPublisher
+from walrelay.brokers.stub import MemoryPublisher
+from walrelay.errors import BrokerUnavailableError
 
 pytestmark = pytest.mark.timeout(60)
 WAL_ID = "a" * 32

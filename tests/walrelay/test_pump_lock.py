@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.pump_cli import PumpLockedError, acquire_pump_lock
+from walrelay.commands.pump import acquire_pump_lock
+from walrelay.errors import PumpLockedError
 
 pytestmark = pytest.mark.timeout(10)
 

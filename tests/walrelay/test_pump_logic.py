@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from tasks.checkout import purchase_entry, validate
-from tasks.deadletters import DeadLetterStore
-from tasks.entry import Entry, TaskSpec, decode, parse_task_id, task_id
-from tasks.publisher import Ack, MemoryPublisher, TaskMessage
-from tasks.pump import Pump, PumpConfig
+from walrelay.broker import Ack, TaskMessage
+from walrelay.brokers.stub import MemoryPublisher
+from walrelay.deadletters import DeadLetterStore
+from walrelay.pump import Pump, PumpConfig
+from walrelay.record import Entry, TaskSpec, decode, parse_task_id, task_id
 from walstore import Options, SyncPolicy, Wal
 
 pytestmark = pytest.mark.timeout(30)

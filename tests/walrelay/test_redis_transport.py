@@ -1,4 +1,4 @@
-"""tasks.redis_transport: closing a connection whose broker died while a task was held.
+"""walrelay.worker.redis_transport: closing a connection whose broker died while a task was held.
 
 The state built here is the one Celery 5.7's consumer leaves after a broker loss (see the
 module's docstring): a delivered, unacked message in the channel, the channel not yet
@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from kombu import Connection, Message, Queue
 from kombu.common import ignore_errors
-from stack import RedisServer
 
 from tasks.app import create_app
 from tasks.config import Settings
-from tasks.redis_transport import Channel, use_fixed_channel
-from tasks.watchdog import Consumer
+from tests.support.stack import RedisServer
+from walrelay.worker.consumer import Consumer
+from walrelay.worker.redis_transport import Channel, use_fixed_channel
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +28,7 @@ STOCK = pytest.param(
     marks=pytest.mark.xfail(
         raises=AttributeError,
         strict=False,
-        reason="the kombu bug tasks.redis_transport works around; if this passes, "
+        reason="the kombu bug walrelay.worker.redis_transport works around; if this passes, "
         "kombu fixed it and the fix can go",
     ),
 )

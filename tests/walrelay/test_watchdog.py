@@ -1,4 +1,4 @@
-"""tasks.watchdog without a broker: the stuck-consumer verdicts, and the bounded reconnect
+"""walrelay.worker.consumer without a broker: the stuck-consumer verdicts, and the bounded reconnect
 backoff measured against a closed port."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import time
 import pytest
 from celery.exceptions import WorkerShutdown
 from kombu.exceptions import OperationalError
-from stack import free_port
 
 from tasks.app import create_app
 from tasks.config import Settings
-from tasks.watchdog import (
+from tests.support.stack import free_port
+from walrelay.worker.consumer import (
     MAX_HEALS,
     RECONNECT_MAX,
     Consumer,

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultfs import FaultFs
 
+from tests.support.faultfs import FaultFs
 from walstore import (
     LogClosedError,
     LogFullError,

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultfs import FaultFs, SimulatedCrash
 
+from tests.support.faultfs import FaultFs, SimulatedCrash
 from walstore import LogFullError, LogPoisonedError, Options, SyncPolicy, Wal, WalError
 from walstore.inspect import verify
 

@@ -16,12 +16,12 @@ import pytest
 from walstore import Options, Wal
 from walstore.inspect import verify
 
-APPENDER = Path(__file__).with_name("wal_appender.py")
+APPENDER = Path(__file__).resolve().parents[1] / "support" / "wal_appender.py"
 SEGMENT = 256 * 1024  # small, so roll-overs happen while processes are being killed
 
 
 def _spawn(directory: Path, acks: Path, ident: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return subprocess.Popen(
         [sys.executable, str(APPENDER), str(directory), str(acks), ident, str(SEGMENT)], env=env
     )

@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from faultfs import FaultFs, SimulatedCrash
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from tests.support.faultfs import FaultFs, SimulatedCrash
 from walstore import Options, SyncPolicy, Wal, WalError
 
 pytestmark = pytest.mark.timeout(180)

@@ -10,7 +10,7 @@ non-transactional pipeline, so a batch costs one round trip. Workers and Flower 
 ordinary tasks.
 
 Acks are JSON on ``walstore.acks.<wal_id>``: on Redis, plain JSON LPUSHed by the workers
-(see tasks.acks) and popped up to ``limit`` at a time (RPOP with a count, Redis >= 6.2);
+(see walrelay.acks) and popped up to ``limit`` at a time (RPOP with a count, Redis >= 6.2);
 kombu messages carrying the same JSON are accepted too. On other transports a kombu
 Consumer drains ordinary kombu messages.
 """
@@ -28,7 +28,8 @@ from typing import Any, cast
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import KombuError
 
-from .publisher import Ack, BrokerUnavailableError, TaskMessage, ack_queue, decode_ack
+from ..broker import Ack, TaskMessage, ack_queue, decode_ack
+from ..errors import BrokerUnavailableError
 
 REPR_CHARS = 1024  # Celery's argsrepr limit: what Flower shows
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

@@ -10,12 +10,13 @@ import click
 
 from walstore import Options, Wal
 
-from .app import settings_of
-from .deadletters import DeadLetterNotFoundError, DeadLetterStore
+from ..deadletters import DeadLetterStore
+from ..errors import DeadLetterNotFoundError
+from ..relay import Relay
 
 
 def _store(ctx: click.Context) -> tuple[DeadLetterStore, str]:
-    wal_dir = settings_of(ctx.obj.app).wal_dir
+    wal_dir = Relay.of(ctx.obj.app).wal_dir
     return DeadLetterStore(wal_dir), wal_dir
 
 

@@ -20,19 +20,16 @@ from celery.bin.base import CeleryCommand
 
 from walstore import Options, Wal
 
-from .app import settings_of
-from .config import Settings
-from .deadletters import DeadLetterStore
-from .kombu_publisher import KombuPublisher
-from .metrics import Exporter, exporter_from_env, pump_registry
-from .pump import Pump
-from .window import PumpConfig
+from ..brokers.kombu import KombuPublisher
+from ..deadletters import DeadLetterStore
+from ..errors import PumpLockedError
+from ..metrics import Exporter, exporter_from_env, pump_registry
+from ..pump import Pump
+from ..relay import Relay
+from ..settings import RelaySettings
+from ..window import PumpConfig
 
 LOCK_NAME = "pump.lock"
-
-
-class PumpLockedError(Exception):
-    """Another pump holds the WAL's pump lock."""
 
 
 def acquire_pump_lock(wal_dir: str) -> int:
@@ -57,7 +54,7 @@ def acquire_pump_lock(wal_dir: str) -> int:
     return fd
 
 
-def pump_config(settings: Settings, window: int | None = None) -> PumpConfig:
+def pump_config(settings: RelaySettings, window: int | None = None) -> PumpConfig:
     return PumpConfig(
         window=window or settings.pump_window,
         ack_timeout=settings.pump_ack_timeout,
@@ -82,7 +79,7 @@ def serve_metrics(runner: Pump) -> Exporter | None:
         sys.exit(1)
     if exporter is not None:
         host = exporter.server.server_address[0]
-        logging.getLogger("tasks.pump").info(
+        logging.getLogger("walrelay.pump").info(
             "pump: metrics on http://%s:%d/metrics", host, exporter.port
         )
     return exporter
@@ -96,8 +93,9 @@ def serve_metrics(runner: Pump) -> Exporter | None:
 def pump(ctx: click.Context, wal_dir: str | None, window: int | None, loglevel: str) -> None:
     """Publish every unconfirmed WAL entry as Celery tasks until confirmed."""
     app: Any = ctx.obj.app
-    settings = settings_of(app)
-    directory = os.path.abspath(wal_dir or settings.wal_dir)
+    relay = Relay.of(app)
+    settings = relay.settings
+    directory = os.path.abspath(wal_dir) if wal_dir else relay.wal_dir
     logging.basicConfig(
         level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/pump] %(message)s"
     )

@@ -1,7 +1,7 @@
 """Worker-side defences against a consumer that dies or stops consuming after a broker
 outage.
 
-All three come with ``worker_consumer = "tasks.watchdog:Consumer"`` (set in tasks.app):
+All three come with ``worker_consumer = "walrelay.worker.consumer:Consumer"`` (set in tasks.app):
 
 1. **Bounded reconnect backoff.** Celery's consumer reconnects with kombu's defaults:
    2 s after the first failed attempt, 2 s more after each further one, up to 30 s. After a
@@ -24,7 +24,7 @@ All three come with ``worker_consumer = "tasks.watchdog:Consumer"`` (set in task
    (docker ``restart: unless-stopped``, systemd) to start a fresh process.
 
 3. **No exit on a lost broker.** The consumer's Redis channels are
-   ``tasks.redis_transport.Channel``, which turns the ``AttributeError`` Celery 5.7 hits
+   ``walrelay.worker.redis_transport.Channel``, which turns the ``AttributeError`` Celery 5.7 hits
    when it closes a connection to a dead Redis while holding tasks into the connection
    error it expects (otherwise: "Unrecoverable error", worker exits 1).
 
@@ -215,7 +215,7 @@ class Consumer(CeleryConsumer):
     class Blueprint(_CeleryBlueprint):  # type: ignore[misc]
         default_steps: ClassVar[list[str]] = [
             *_CeleryBlueprint.default_steps,
-            "tasks.watchdog:Watchdog",
+            "walrelay.worker.consumer:Watchdog",
         ]
 
     def ensure_connected(self, conn: Any) -> Any:
@@ -223,7 +223,7 @@ class Consumer(CeleryConsumer):
         # kombu's default intervals; shadowing the method on this one connection object
         # changes only the pauses and keeps all of Celery's retry logic.
         # Its channels also get the fix that keeps the worker alive when the broker dies
-        # while it holds tasks (see tasks.redis_transport).
+        # while it holds tasks (see walrelay.worker.redis_transport).
         redis_transport.use_fixed_channel(conn)
         conn.ensure_connection = functools.partial(
             conn.ensure_connection,

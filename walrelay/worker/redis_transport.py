@@ -18,7 +18,7 @@ restoring: the held tasks' messages stay in Redis's unacked set (restored after 
 visibility timeout if that Redis kept them) and the pump re-sends whatever is unconfirmed.
 
 ``use_fixed_channel`` puts it on one connection's transport: the worker consumer's
-(tasks.watchdog.Consumer.ensure_connected), where the crash happens. The transport class
+(walrelay.worker.consumer.Consumer.ensure_connected), where the crash happens. The transport class
 and the broker URL stay kombu's, so what reads the URL (Flower's broker page, the worker's
 banner) sees ``redis://`` as before.
 """

@@ -1,0 +1,44 @@
+"""Every error walrelay raises, in one tree under ``RelayError``.
+
+walstore's errors (``LogFullError``, ``LogPoisonedError``, ...) pass through ``send``
+unchanged: they say what happened to the log, and a web app maps them to 503."""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base of every walrelay error."""
+
+
+class UnsupportedOptionError(RelayError, ValueError):
+    """``send`` was given something it cannot carry durably (``link``, ``link_error``, a
+    chain, a chord, a group, a caller-given ``task_id``, ...). Nothing was appended.
+    Send the tasks separately, or chain them inside a task."""
+
+
+class UnknownTaskError(RelayError, ValueError):
+    """``send`` was given a task the app does not register. Nothing was appended.
+    Import the module that defines it (``include=`` or ``autodiscover_tasks``)."""
+
+
+class DuplicateKeyError(RelayError):
+    """``send(..., key=K)`` with tasks other than those of the first send with key K
+    within the idempotency window. Nothing was appended. Use a new key for new work."""
+
+
+class BadRecordError(RelayError, ValueError):
+    """A log record's bytes are not a record this release can replay; the pump
+    dead-letters such records with this error's message as the reason."""
+
+
+class BrokerUnavailableError(RelayError):
+    """The broker cannot be reached, or a publish failed midway. The pump retries later
+    and re-sends what may have been lost once a session is established again."""
+
+
+class PumpLockedError(RelayError):
+    """Another pump holds this WAL's pump lock: run exactly one pump per WAL_DIR."""
+
+
+class DeadLetterNotFoundError(RelayError, KeyError):
+    """No dead letter has that id (``celery deadletters list`` shows them)."""

@@ -1,0 +1,88 @@
+"""The relay's settings: one frozen dataclass, read from the environment only by
+``RelaySettings.from_env`` (called when a ``Relay`` is first used and by the commands,
+never at import). The log's own settings (``WAL_SEGMENT_BYTES``, ``WAL_MAX_BYTES``,
+``WAL_SYNC``) are walstore's: ``walstore.Options.from_env``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_WAL_DIR = "./var/wal"
+DEFAULT_PUMP_WINDOW = 10_000
+DEFAULT_ACK_TIMEOUT = 30.0
+DEFAULT_MAX_ACK_TIMEOUT = 300.0
+DEFAULT_RETRY_DELAY = 1.0
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_IDEMPOTENCY_WINDOW = 24 * 3600.0
+
+
+def env_float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    """``env[name]`` as a float >= ``minimum`` (``default`` if unset or blank)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum:  # also refuses nan
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    """``env[name]`` as an int >= ``minimum`` (``default`` if unset or blank)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    # The write-ahead log the producers append to and the pump reads (WAL_DIR).
+    wal_dir: str = DEFAULT_WAL_DIR
+    # Most WAL records the pump keeps unconfirmed at once: bounds its memory and the
+    # number of duplicates a broker restart can cause (PUMP_WINDOW).
+    pump_window: int = DEFAULT_PUMP_WINDOW
+    # Seconds without an ack before the pump suspects a published task is lost
+    # (PUMP_ACK_TIMEOUT).
+    pump_ack_timeout: float = DEFAULT_ACK_TIMEOUT
+    # A task unconfirmed this long is published again even with no sign that the
+    # workers moved past it: covers a silent loss on an idle system (PUMP_MAX_ACK_TIMEOUT).
+    pump_max_ack_timeout: float = DEFAULT_MAX_ACK_TIMEOUT
+    # First pause before re-publishing a task that failed; doubles on each failure
+    # (PUMP_RETRY_DELAY).
+    pump_retry_delay: float = DEFAULT_RETRY_DELAY
+    # Failed attempts after which a task of a record goes to the dead letters
+    # (PUMP_MAX_ATTEMPTS).
+    pump_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    # How long ``relay.send(..., key=K)`` remembers K: a second send with the same key
+    # within this many seconds returns the first receipt (RELAY_IDEMPOTENCY_WINDOW).
+    idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RelaySettings:
+        """Settings from ``WAL_DIR``, ``PUMP_*`` and ``RELAY_IDEMPOTENCY_WINDOW``."""
+        env = os.environ if env is None else env
+        return cls(
+            wal_dir=env.get("WAL_DIR") or DEFAULT_WAL_DIR,
+            pump_window=env_int(env, "PUMP_WINDOW", DEFAULT_PUMP_WINDOW, 1),
+            pump_ack_timeout=env_float(env, "PUMP_ACK_TIMEOUT", DEFAULT_ACK_TIMEOUT, 0.05),
+            pump_max_ack_timeout=env_float(
+                env, "PUMP_MAX_ACK_TIMEOUT", DEFAULT_MAX_ACK_TIMEOUT, 0.05
+            ),
+            pump_retry_delay=env_float(env, "PUMP_RETRY_DELAY", DEFAULT_RETRY_DELAY, 0.0),
+            pump_max_attempts=env_int(env, "PUMP_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1),
+            idempotency_window=env_float(
+                env, "RELAY_IDEMPOTENCY_WINDOW", DEFAULT_IDEMPOTENCY_WINDOW, 0.0
+            ),
+        )

@@ -286,7 +286,7 @@ class Pump:
             dead = flight.dead
             targets = {n: {"attempts": t.attempts, "error": t.error} for n, t in dead.items()}
             payload = flight.entry.only(set(dead)).encode()
-            self._dead_letter(flight.lsn, flight.entry.key, payload, targets,
+            self._dead_letter(flight.lsn, flight.entry.key or "", payload, targets,
                               f"{len(dead)} target(s) exhausted {self.config.max_attempts} "
                               "attempts")  # fmt: skip
         del self.inflight[flight.lsn]

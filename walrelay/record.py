@@ -1,12 +1,28 @@
 """What one WAL record asks for: the Celery tasks it must become.
 
-The log and the pump know nothing of purchases: an entry names its tasks (target,
-task name, queue, arguments) and the pump publishes exactly those. The checkout is the
-first user. Encoded as compact JSON (UTF-8), version 1::
+The log knows nothing of Celery; a record names its tasks (target, task name, queue,
+arguments, options) and the pump publishes exactly those. Encoded as compact JSON
+(UTF-8). Version 2, written by ``Relay.send``::
 
-    {"v": 1, "key": "<business key, e.g. purchase id>",
-     "tasks": [{"target": "warehouse", "name": "tasks.warehouse.reserve_stock",
-                "queue": "warehouse", "args": [...], "kwargs": {...}}, ...]}
+    {"v": 2, "key": "<idempotency key>" | null, "order_key": "<key>" | null,
+     "origin": <LSN the record was first written at> | null, "created": <unix time>,
+     "tasks": [{"target": "0", "name": "shop.tasks.reserve_stock", "queue": "stock",
+                "args": [...], "kwargs": {...},
+                "options": {"eta": <unix time>, "expires": <unix time>, "priority": 5,
+                            "headers": {...}, "exchange": "", "routing_key": "stock"}},
+               ...]}
+
+- ``target``: names the task within its record ("0", "1", ... for ``send``); with the
+  WAL id and the LSN it makes the task id (``task_id``), so a replay has the same id.
+- ``origin``: set when the pump carries a waiting record (a long countdown) forward to
+  a new LSN, so that its task ids, acks and dead letters keep the first LSN's identity.
+- ``options``: every key optional. ``eta``/``expires`` are absolute unix times (a
+  countdown is turned into an eta when sent); the pump holds a task until its eta and
+  publishes it without a broker ETA. ``exchange``/``routing_key`` come from the app's
+  router ("" and the queue name: the default exchange).
+
+Version 1 (the first release; still replayed): ``{"v": 1, "key": ..., "tasks": [{
+"target", "name", "queue", "args", "kwargs"}]}``, no options, no order key.
 """
 
 from __future__ import annotations
@@ -18,65 +34,111 @@ from typing import Any
 
 from .errors import BadRecordError
 
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
 _TARGET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+OPTION_KEYS = frozenset({"eta", "expires", "priority", "headers", "exchange", "routing_key"})
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    target: str  # stable name of the destination; part of the task id and of acks
+    target: str  # stable name of the task within its record; part of the task id and acks
     name: str  # registered Celery task name
     queue: str
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # see OPTION_KEYS
+
+    @property
+    def eta(self) -> float | None:
+        eta = self.options.get("eta")
+        return None if eta is None else float(eta)
 
 
 @dataclass(frozen=True)
 class Entry:
-    key: str
+    key: str | None
     tasks: tuple[TaskSpec, ...]
+    order_key: str | None = None
+    origin: int | None = None  # first LSN of a record carried forward
+    created: float | None = None  # unix time of the send
+    version: int = VERSION
 
     def encode(self) -> bytes:
-        doc = {
+        """Version-2 JSON (whatever version it was decoded from)."""
+        doc: dict[str, Any] = {
             "v": VERSION,
             "key": self.key,
-            "tasks": [
-                {"target": t.target, "name": t.name, "queue": t.queue, "args": t.args,
-                 "kwargs": t.kwargs}
-                for t in self.tasks
-            ],
-        }  # fmt: skip
+            "order_key": self.order_key,
+            "origin": self.origin,
+            "created": self.created,
+            "tasks": [_task_doc(t) for t in self.tasks],
+        }
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     def only(self, targets: set[str]) -> Entry:
         """The same entry restricted to some targets (dead-letter replay)."""
-        return Entry(self.key, tuple(t for t in self.tasks if t.target in targets))
+        kept = tuple(t for t in self.tasks if t.target in targets)
+        return Entry(self.key, kept, self.order_key, self.origin, self.created, self.version)
+
+    def identity(self, lsn: int) -> int:
+        """The LSN its task ids are made of: ``origin`` if carried forward, else ``lsn``."""
+        return lsn if self.origin is None else self.origin
+
+
+def _task_doc(t: TaskSpec) -> dict[str, Any]:
+    doc: dict[str, Any] = {"target": t.target, "name": t.name, "queue": t.queue,
+                           "args": t.args, "kwargs": t.kwargs}  # fmt: skip
+    if t.options:
+        doc["options"] = t.options
+    return doc
+
+
+def _task(t: Any) -> TaskSpec:
+    options = t.get("options") or {}
+    if not isinstance(options, dict) or not set(options) <= OPTION_KEYS:
+        raise BadRecordError(f"bad task options: {options!r}")
+    return TaskSpec(
+        target=str(t["target"]),
+        name=str(t["name"]),
+        queue=str(t["queue"]),
+        args=list(t.get("args", [])),
+        kwargs=dict(t.get("kwargs", {})),
+        options=dict(options),
+    )
+
+
+def _optional_str(doc: dict[str, Any], name: str) -> str | None:
+    value = doc.get(name)
+    return None if value is None else str(value)
 
 
 def decode(payload: bytes) -> Entry:
+    """The entry in ``payload`` (version 1 or 2), or BadRecordError saying why not.
+    Never raises anything else, whatever the bytes (deep nesting included)."""
     try:
         doc = json.loads(payload)
-        if not isinstance(doc, dict) or doc.get("v") != VERSION:
-            raise BadRecordError(f"not a version-{VERSION} entry")
-        tasks = tuple(
-            TaskSpec(
-                target=str(t["target"]),
-                name=str(t["name"]),
-                queue=str(t["queue"]),
-                args=list(t.get("args", [])),
-                kwargs=dict(t.get("kwargs", {})),
-            )
-            for t in doc["tasks"]
-        )
-        key = str(doc.get("key", ""))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadRecordError(f"undecodable entry: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("v") not in VERSIONS:
+            raise BadRecordError(f"not a record of version {' or '.join(map(str, VERSIONS))}")
+        tasks = tuple(_task(t) for t in doc["tasks"])
+        version = int(doc["v"])
+        key = str(doc.get("key", "")) if version == 1 else _optional_str(doc, "key")
+        origin = doc.get("origin")
+        if origin is not None and (not isinstance(origin, int) or isinstance(origin, bool)):
+            raise BadRecordError(f"bad origin: {origin!r}")
+        created = doc.get("created")
+        created = None if created is None else float(created)
+        entry = Entry(key, tasks, _optional_str(doc, "order_key"), origin, created, version)
+    except BadRecordError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise BadRecordError(f"undecodable record: {type(exc).__name__}: {exc}") from None
     if not tasks:
-        raise BadRecordError("entry names no task")
+        raise BadRecordError("record names no task")
     targets = [t.target for t in tasks]
     if len(set(targets)) != len(targets) or not all(_TARGET.match(t) for t in targets):
-        raise BadRecordError(f"entry targets must be unique names: {targets}")
-    return Entry(key, tasks)
+        raise BadRecordError(f"record targets must be unique names: {targets}")
+    return entry
 
 
 def task_id(wal_id: str, lsn: int, target: str) -> str:

@@ -86,7 +86,7 @@ def expected_tasks(stack: Stack) -> list[ExpectedTask]:
             entry = decode(payload)
             for spec in entry.tasks:
                 tid = task_id(wal.wal_id, lsn, spec.target)
-                out.append(ExpectedTask(tid, spec.name, entry.key, spec.target))
+                out.append(ExpectedTask(tid, spec.name, entry.key or "", spec.target))
         return out
 
 

@@ -22,7 +22,6 @@ from . import acks
 from .settings import RelaySettings
 
 CONSUMER = "walrelay.worker.consumer:Consumer"
-_CELERY_DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
 _ATTR = "_walrelay_relay"  # where an app keeps its relay
 
 
@@ -88,9 +87,10 @@ class Relay:
 
 def _use_consumer(sender: Any = None, instance: Any = None, conf: Any = None, **_: Any) -> None:
     """At worker start: a worker of an app with a relay uses walrelay's consumer
-    (reconnects within ~2 s, heals a stuck consumer, survives a lost Redis)."""
+    (reconnects within ~2 s, heals a stuck consumer, survives a lost Redis), unless the
+    app set ``worker_consumer`` itself."""
     app = getattr(instance, "app", None)
     if conf is None or not isinstance(getattr(app, _ATTR, None), Relay):
         return
-    if conf.worker_consumer in (None, _CELERY_DEFAULT_CONSUMER):
+    if not conf.value_set_for("worker_consumer"):
         conf.worker_consumer = CONSUMER

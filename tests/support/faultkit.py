@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -42,7 +43,8 @@ DRAIN_TIMEOUT = 120.0
 
 def suite_env(marks: Path) -> dict[str, str]:
     return {
-        "PYTHONPATH": str(TESTS),  # fault_app, for ``celery -A fault_app``
+        # fault_app (``celery -A fault_app``), and the example for the producer scripts
+        "PYTHONPATH": os.pathsep.join((str(TESTS), str(TESTS.parents[1]))),
         "FAULT_MARKS": str(marks),
         "WAL_SYNC": "always",  # as deployed: acknowledged means fsync'd
         "PUMP_ACK_TIMEOUT": str(ACK_TIMEOUT),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.stack import RedisServer, Stack, wait_until
+from tests.support.stack import ROOT, RedisServer, Stack, wait_until
 from tools.audit import Audit, WalMonitor, audit
 from tools.processes import Proc, send_signal
 from tools.roles import wait_worker
@@ -43,7 +44,9 @@ DRAIN_TIMEOUT = 120.0
 
 def suite_env(marks: Path) -> dict[str, str]:
     return {
-        "PYTHONPATH": str(TESTS),  # fault_app, for ``celery -A fault_app``
+        # fault_app (``celery -A fault_app``); the checkout, for ``python
+        # tests/support/fault_producer.py`` (a script's path puts only its own folder first).
+        "PYTHONPATH": os.pathsep.join((str(TESTS), str(ROOT))),
         "FAULT_MARKS": str(marks),
         "WAL_SYNC": "always",  # as deployed: acknowledged means fsync'd
         "PUMP_ACK_TIMEOUT": str(ACK_TIMEOUT),

@@ -26,23 +26,21 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 from sqlalchemy import create_engine, text
 
-ROOT = Path(__file__).resolve().parents[1]
-CELERY = str(Path(sys.executable).with_name("celery"))
+from tools import roles
+from tools.localstack import ROOT, pipeline_env
+from tools.processes import Processes, wait_until
+from tools.redis_server import RedisServer
 
 
 def purchase(pid: str) -> dict[str, Any]:
@@ -56,122 +54,13 @@ def purchase(pid: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, sig)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
-
-
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    try:
-        wait_for("redis-server", up, 10)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop(proc, signal.SIGKILL)
-
-
-class Processes:
-    """Workers and the pump, started with the bench environment, stopped by PID."""
-
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env, self.logdir = env, logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.logdir / f"{name}.log", "wb") as out:
-            proc = subprocess.Popen(
-                [CELERY, "-A", "worker", *args],
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logdir / f"{name}.log").read_text(errors="replace")
-
-    def pump(self) -> None:
-        self.start("pump", ["pump"])
-        wait_for("the pump", lambda: "resuming at LSN" in self.log("pump"), 60, 0.1)
-
-    def workers(self, app: Any, n: int, first: int = 0) -> None:
-        """n more workers, ``-c 1`` each, logging at WARNING (INFO would cost two lines a
-        task); ready when they answer a remote-control ping."""
-        names = [f"bench{i}@{socket.gethostname()}" for i in range(first, first + n)]
-        for name in names:
-            self.start(
-                name.split("@")[0],
-                [
-                    "worker",
-                    "-Q",
-                    "warehouse,finance",
-                    "-c",
-                    "1",
-                    "-n",
-                    name,
-                    "--without-mingle",
-                    "--without-gossip",
-                    "-l",
-                    "WARNING",
-                ],
-            )
-
-        def all_up() -> bool:
-            return len(app.control.ping(destination=names, timeout=0.5)) == n
-
-        wait_for("the workers", all_up, 60, 0.1)
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            stop(proc)
-        self.procs.clear()
+def start_workers(procs: Processes, n: int, first: int = 0) -> None:
+    """n more workers, ``-c 1`` each, logging at WARNING (INFO would cost two lines a
+    task); returns once each consumes (its ready file)."""
+    started = [roles.start_worker(procs, f"bench{i}", 1, loglevel="WARNING", wait=False)
+               for i in range(first, first + n)]  # fmt: skip
+    for proc in started:
+        roles.wait_worker(proc)
 
 
 # ---------------------------------------------------------------------- measurements
@@ -231,7 +120,7 @@ def e2e(
     started = time.perf_counter()
     for i in range(n):
         produce(f"{tag}-{i}")
-    wait_for(f"{n} purchases in the ledger", lambda: done(tag, n), 600, 0.02)
+    wait_until(f"{n} purchases in the ledger", lambda: done(tag, n), 600, 0.02)
     return n / (time.perf_counter() - started)
 
 
@@ -249,7 +138,7 @@ def latency(
         produce(pid)
         returned[pid] = time.time()
     done = effects_done(url)
-    wait_for("every effect", lambda: done(tag, n), 600, 0.05)
+    wait_until("every effect", lambda: done(tag, n), 600, 0.05)
     engine = create_engine(url)
     sql = text(
         "SELECT purchase_id, max(first_at) FROM ledger_effects WHERE purchase_id >= :lo "
@@ -268,44 +157,48 @@ def latency(
 
 # ---------------------------------------------------------------------- the run
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    with redis_server(tmp) as url:
-        env = dict(
-            os.environ,
-            CELERY_BROKER_URL=url,
-            WAL_DIR=str(tmp / "wal"),
-            LEDGER_URL=f"sqlite:///{tmp / 'ledger.sqlite3'}",
-            WAL_SYNC="always",
-        )
-        os.environ.update(env)  # this process's app and producer use the same settings
-        from tasks.app import create_app
-        from tasks.checkout import record_purchase, wal_for
+    server = RedisServer(tmp / "redis")
+    server.start()
+    try:
+        return measure(args, tmp, server.url)
+    finally:
+        server.kill()
 
-        app = create_app()
-        # The baseline at its fastest: no task-sent events (they cost .delay() ~30%; the
-        # pump sends none either). Workers send their task events in both cases.
-        app.conf.task_send_sent_event = False
-        client = redis.Redis.from_url(url)
-        out: dict[str, Any] = {"relay": {"delay": [], "pump": []}}
-        for r in range(args.rounds):
-            out["relay"]["delay"].append(relay_delay(args.relay, f"rd{r}"))
-            client.delete("warehouse", "finance")
-            out["relay"]["pump"].append(relay_pump(app, tmp / "relay-wal", args.relay, f"rp{r}"))
-            client.delete("warehouse", "finance")
-        procs = Processes(env, tmp)
-        try:
-            procs.workers(app, 2)
-            procs.pump()  # idle during the baseline rounds: both see the same processes
-            wal = wal_for(env["WAL_DIR"])
 
-            def durable(pid: str) -> None:
-                record_purchase(purchase(pid), wal=wal)
+def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict[str, Any]:
+    """Every case against the redis-server at ``url``, in ``tmp``."""
+    env = pipeline_env(url, tmp, {"WAL_SYNC": "always"})
+    os.environ.update(env)  # this process's app and producer use the same settings
+    from tasks.app import create_app
+    from tasks.checkout import record_purchase, wal_for
 
-            out["e2e"] = throughput(args, env, durable)
-            if args.latency_workers > 2:
-                procs.workers(app, args.latency_workers - 2, first=2)
-            out["latency"] = latencies(args, env, durable)
-        finally:
-            procs.stop_all()
+    app = create_app()
+    # The baseline at its fastest: no task-sent events (they cost .delay() ~30%; the
+    # pump sends none either). Workers send their task events in both cases.
+    app.conf.task_send_sent_event = False
+    client = redis.Redis.from_url(url)
+    out: dict[str, Any] = {"relay": {"delay": [], "pump": []}}
+    for r in range(args.rounds):
+        out["relay"]["delay"].append(relay_delay(args.relay, f"rd{r}"))
+        client.delete("warehouse", "finance")
+        out["relay"]["pump"].append(relay_pump(app, tmp / "relay-wal", args.relay, f"rp{r}"))
+        client.delete("warehouse", "finance")
+    # Workers and the pump through the tooling's one supervisor, stopped by PID.
+    procs = Processes(tmp / "logs", ROOT, lambda extra: {**env, **(extra or {})})
+    try:
+        start_workers(procs, 2)
+        roles.start_pump(procs)  # idle during the baseline rounds: both see the same processes
+        wal = wal_for(env["WAL_DIR"])
+
+        def durable(pid: str) -> None:
+            record_purchase(purchase(pid), wal=wal)
+
+        out["e2e"] = throughput(args, env, durable)
+        if args.latency_workers > 2:
+            start_workers(procs, args.latency_workers - 2, first=2)
+        out["latency"] = latencies(args, env, durable)
+    finally:
+        procs.stop_all(timeout=20)
     return out
 
 

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
+from walrelay import RelaySettings
 from walrelay.record import Entry, TaskSpec
 from walstore import Options, Wal
 
@@ -123,7 +124,7 @@ def wal_for(directory: str | None = None, options: Options | None = None) -> Wal
 
     Keyed by pid, so a handle inherited through fork is never used by the child.
     ``options`` (default ``Options.from_env()``) only count for the first call."""
-    path = os.path.abspath(directory or os.environ.get("WAL_DIR") or "./var/wal")
+    path = os.path.abspath(directory or RelaySettings.from_env().wal_dir)
     key = (os.getpid(), path)
     with _lock:
         wal = _wals.get(key)

@@ -168,6 +168,7 @@ def run_demo(stack: LocalStack, args: argparse.Namespace) -> int:
     stack.start_supervisor()
     err.print(f"web app: [bold]{stack.web_url}[/]  (POST /purchases, GET /metrics)")
     err.print(f"Flower:  [bold]{stack.flower_url}[/]")
+    err.print(f"pump:    [bold]{stack.metrics_url}[/]  (Prometheus metrics)")
     monitor = WalMonitor(stack.wal)
     monitor.start()
     run, back = f"demo{int(time.time())}", list[float]()

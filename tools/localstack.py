@@ -5,26 +5,26 @@ A private ``redis-server`` on a free loopback port (no persistence), Celery work
 and, on request, the web app (``uvicorn tasks.web:app``) and Flower, all sharing one work
 directory: the WAL, the SQLite ledger and one log file per process start under ``logs/``.
 
-Each process runs in a session of its own, so a Ctrl-C in the terminal reaches only the
-supervisor, which then stops them in order: by PID, TERM then KILL, then whatever is left
-of the process group (pool children of a worker whose main process was killed, uvicorn's
-workers). ``kill_*``/``restart_*`` exist for every role: the chaos command and the demo
-inject their faults through them. Like a service manager with a restart policy
-(docker-compose's ``restart: unless-stopped``), ``supervise`` restarts a role whose
-process exited without being asked to, and records it in ``crashes``.
+Processes start through the one supervisor (``tools.processes.Processes``) and the one
+Redis launcher (``tools.redis_server``), as ``tools.roles`` starts each role and knows
+it ready (a health check or a ready file). Each process runs in a session of its own, so
+a Ctrl-C in the terminal reaches only the supervisor, which then stops them in order: by
+PID, TERM then KILL, then whatever is left of the process group (pool children of a
+worker whose main process was killed, uvicorn's workers). ``kill_*``/``restart_*`` exist
+for every role: the chaos command and the demo inject their faults through them. Like a
+service manager with a restart policy (docker-compose's ``restart: unless-stopped``),
+``supervise`` restarts a role whose process exited without being asked to, and records
+it in ``crashes``.
 
-Used by ``python -m tools.demo``, ``python -m tools.chaos`` and the tests (tests/stack.py
-builds on ``RedisServer`` and the helpers of ``tools.processes``).
+Used by ``python -m tools.demo`` and ``python -m tools.chaos``; the tests' ``Stack``
+(tests/support/stack.py) shares its environment and the same roles.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,52 +33,24 @@ from functools import partial
 from pathlib import Path
 
 from tasks.ledger import Ledger
+from tools import roles
 from tools.processes import (
+    START_TIMEOUT,
     Proc,
+    Processes,
     StackError,
-    celery_bin,
     children_of,
-    free_port,
-    http_ok,
     processes_mentioning,
     signals_ignored,
-    spawn,
-    stop_process,
-    wait_until,
 )
 from tools.redis_server import RedisServer
 from walstore.inspect import Snapshot, snapshot
 
-__all__ = [
-    "Crash",
-    "LocalStack",
-    "RedisServer",
-    "StackError",
-    "free_port",
-    "ledger_snapshot",
-    "pipeline_env",
-    "stop_process",
-    "wait_until",
-    "worker_argv",
-]
+__all__ = ["ROOT", "Crash", "LocalStack", "ledger_snapshot", "pipeline_env"]
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER_QUEUES = "warehouse,finance"
-START_TIMEOUT = 60.0
-WORKER_READY = " ready."  # celery logs "<name> ready." once it consumes
-PUMP_READY = "resuming at LSN"
-
-
-def worker_argv(
-    name: str, concurrency: int, queues: str = WORKER_QUEUES, *, app: str = "worker"
-) -> list[str]:
-    """``celery -A worker worker`` as the stack runs it (``name`` as in ``-n``). Task
-    events for Flower come from the app's ``worker_send_task_events``."""
-    return [celery_bin(), "-A", app, "worker", "-Q", queues, "--pool", "prefork",
-            "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
-            "-l", "INFO"]  # fmt: skip
 
 
 def wal_dir_in(workdir: Path) -> Path:
@@ -138,7 +110,8 @@ class LocalStack:
     ) -> None:
         self.workdir = workdir.resolve()
         self.logdir = self.workdir / "logs"
-        self.logdir.mkdir(parents=True, exist_ok=True)
+        cwd = ROOT if (ROOT / "worker.py").exists() else self.workdir
+        self.processes = Processes(self.logdir, cwd, self.env)
         self.redis = RedisServer(self.workdir / "redis", session=True)
         self.workers: list[Proc | None] = [None] * workers
         self.concurrency = concurrency
@@ -147,9 +120,9 @@ class LocalStack:
         self.pump: Proc | None = None
         self.web: Proc | None = None
         self.flower: Proc | None = None
-        self.web_port = 0  # 0 until uvicorn picked one; restarts reuse it
+        self.pump_port = 0  # its metrics; 0 until a free one is picked, restarts reuse it
+        self.web_port = 0  # likewise
         self.flower_port = 0
-        self.started: list[Proc] = []  # every start, in order (killed ones too)
         self.crashes: list[Crash] = []
         self._lock = threading.RLock()  # one role change at a time (faults vs. supervisor)
         self._stopping = threading.Event()
@@ -172,29 +145,23 @@ class LocalStack:
     def flower_url(self) -> str:
         return f"http://127.0.0.1:{self.flower_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """The pump's Prometheus metrics."""
+        return f"http://127.0.0.1:{self.pump_port}/metrics"
+
+    @property
+    def started(self) -> list[Proc]:
+        """Every process start, in order (killed ones too)."""
+        return self.processes.started
+
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of every process: see ``pipeline_env``."""
         return pipeline_env(self.redis.url, self.workdir, self.extra_env, extra)
 
     def spawn(self, role: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
         """Start ``argv`` in its own session, output to ``logs/NN-role.log``."""
-        with self._lock:
-            log_path = self.logdir / f"{len(self.started) + 1:02d}-{role}.log"
-            cwd = ROOT if (ROOT / "worker.py").exists() else self.workdir
-            proc = spawn(role, argv, log_path, cwd=cwd, env=self.env(env))
-            self.started.append(proc)
-            return proc
-
-    def wait_log(self, proc: Proc, marker: str, timeout: float = START_TIMEOUT) -> None:
-        """Until ``marker`` is in the process's log; StackError if it exits first."""
-
-        def ready() -> bool:
-            if not proc.alive:
-                raise StackError(f"{proc.role} exited with {proc.popen.returncode}; see "
-                                 f"{proc.log}:\n{proc.log_text()[-2000:]}")  # fmt: skip
-            return marker in proc.log_text()
-
-        wait_until(f"{proc.role} to start (log: {proc.log})", ready, timeout, 0.1)
+        return self.processes.spawn(role, argv, env)
 
     # ---------------------------------------------------------------- roles
     def start(self, *, web: bool = False, flower: bool = False) -> None:
@@ -208,58 +175,38 @@ class LocalStack:
         if flower:
             self.start_flower()
         for proc in started:
-            self.wait_log(proc, WORKER_READY)
+            roles.wait_worker(proc)
 
     def start_worker(self, index: int, *, wait: bool = True) -> Proc:
         with self._lock:
             name = f"worker{index + 1}"
-            proc = self.spawn(name, worker_argv(f"{name}@%h", self.concurrency))
+            proc = roles.start_worker(self.processes, name, self.concurrency, wait=False)
             self.workers[index] = proc
             if wait:
-                self.wait_log(proc, WORKER_READY)
+                roles.wait_worker(proc)
             return proc
 
     def start_pump(self) -> Proc:
+        """The pump, ready once its metrics answer (on a free port; restarts reuse it)."""
         with self._lock:
-            self.pump = self.spawn("pump", [celery_bin(), "-A", "worker", "pump"])
-            self.wait_log(self.pump, PUMP_READY)
+            self.pump = roles.start_pump(self.processes, port=self.pump_port)
+            self.pump_port = self.pump.port
             return self.pump
 
     def start_web(self) -> str:
-        """uvicorn with ``web_workers`` workers; the first start lets it pick its port
-        (port 0, read from its log: no race), restarts reuse that port."""
+        """uvicorn with ``web_workers`` workers on a free port (restarts reuse it), ready
+        once /healthz answers."""
         with self._lock:
-            prom = self.workdir / "prometheus"
-            shutil.rmtree(prom, ignore_errors=True)  # prometheus_client wants it empty
-            prom.mkdir()
-            argv = [sys.executable, "-m", "uvicorn", "tasks.web:app", "--host", "127.0.0.1",
-                    "--port", str(self.web_port), "--workers", str(self.web_workers)]  # fmt: skip
-            self.web = self.spawn("web", argv, {"PROMETHEUS_MULTIPROC_DIR": str(prom)})
-            self.wait_log(self.web, "Uvicorn running on")
-            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", self.web.log_text())
-            if found is None:
-                raise StackError(f"cannot find uvicorn's address in {self.web.log}")
-            self.web_port = int(found.group(1))
-            wait_until("the web app's /healthz", lambda: http_ok(f"{self.web_url}/healthz"),
-                       START_TIMEOUT, 0.2)  # fmt: skip
+            self.web = roles.start_web(self.processes, self.workdir / "prometheus",
+                                       port=self.web_port, workers=self.web_workers)  # fmt: skip
+            self.web_port = self.web.port
             return self.web_url
 
     def start_flower(self) -> str:
         with self._lock:
-            for _ in range(3):  # a free port can be taken before Flower binds it
-                port = self.flower_port or free_port()
-                argv = [celery_bin(), "-A", "worker", "flower", "--address=127.0.0.1",
-                        f"--port={port}"]  # fmt: skip
-                proc = self.flower = self.spawn("flower", argv)
-                self._wait_flower(proc, f"http://127.0.0.1:{port}/healthcheck")
-                if proc.alive:
-                    self.flower_port = port
-                    return self.flower_url
-            raise StackError(f"Flower did not start; see {proc.log}")
-
-    def _wait_flower(self, proc: Proc, url: str) -> None:
-        wait_until(f"Flower (log: {proc.log})", lambda: not proc.alive or http_ok(url),
-                        START_TIMEOUT, 0.2)  # fmt: skip
+            self.flower = roles.start_flower(self.processes, port=self.flower_port)
+            self.flower_port = self.flower.port
+            return self.flower_url
 
     # ---------------------------------------------------------------- faults
     def kill_pump(self) -> None:
@@ -337,7 +284,7 @@ class LocalStack:
     def leftovers(self) -> list[int]:
         """PIDs of anything this stack started that is still alive: its processes, their
         groups, and any process naming the work dir (in WAL_DIR, say)."""
-        pids = {p for proc in self.started for p in proc.leftovers()}
+        pids = set(self.processes.leftovers())
         if self.redis.running and self.redis.proc is not None:
             pids.add(self.redis.proc.pid)
         pids.update(processes_mentioning(str(self.workdir)))
@@ -352,10 +299,7 @@ class LocalStack:
             if self._supervisor is not None:
                 self._supervisor.join(START_TIMEOUT + 5)
             with self._lock:
-                order = [p for p in reversed(self.started) if p.role in ("flower", "web")]
-                order += [p for p in reversed(self.started) if p not in order]
-                for proc in order:
-                    proc.stop()
+                self.processes.stop_all()
                 self.redis.stop()
 
     def __enter__(self) -> LocalStack:

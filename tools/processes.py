@@ -1,6 +1,9 @@
-"""Processes, as the local stack handles them: start, wait for, stop by PID (TERM, then
-KILL, then what is left of the process group), and look at through /proc (children,
-state, whether blocked in fsync) to kill one at a chosen moment.
+"""The one supervisor of the local tooling: processes started (``spawn``, or a
+``Processes`` set with numbered logs), waited for until a health check or a ready file
+says they are ready (``Proc.wait_ready``), stopped by PID (TERM, then KILL, then what is
+left of the process group), and looked at through /proc (children, state, whether
+blocked in fsync) to kill one at a chosen moment. The demo, chaos, the tests and the
+benchmarks all start their processes through it (``tools.roles`` knows the pipeline's).
 
 Linux only (/proc), like the rest of the local tooling.
 """
@@ -24,11 +27,19 @@ from pathlib import Path
 from typing import Any
 
 STOP_TIMEOUT = 15.0  # seconds a process gets to exit after SIGTERM before SIGKILL
+START_TIMEOUT = 60.0  # seconds a process gets to be ready
+# Where a process started by ``Processes`` may say it is ready: a file named by its pid
+# in this directory (tools.worker_ready writes one for a Celery worker).
+READY_DIR_ENV = "STACK_READY_DIR"
 
 
 class StackError(RuntimeError):
     """A process of the stack did not start, or a wait timed out (the message says which
-    and, for a process, where its log is)."""
+    and, for a process, where its log is). The base of every error of the tooling."""
+
+
+class ProcessExited(StackError):
+    """A process exited while it was waited for (the message holds the end of its log)."""
 
 
 def celery_bin() -> str:
@@ -185,17 +196,18 @@ def _stat_fields(pid: int) -> list[str] | None:
     return [head.split(" ", 1)[0], head, *tail.split()]
 
 
-@dataclass
+@dataclass(eq=False)
 class Proc:
     """One start of one role: its process, its log file, whether it leads a process
-    group of its own (then its leftovers can be found and stopped), and whether its end
-    was asked for (``expected``): any other exit is a crash."""
+    group of its own (then its leftovers can be found and stopped), whether its end was
+    asked for (``expected``: any other exit is a crash), and for a server its port."""
 
     role: str
     popen: subprocess.Popen[bytes]
     log: Path
     session: bool = True
     expected: bool = False
+    port: int = 0  # a server's loopback port, once chosen
 
     @property
     def pid(self) -> int:
@@ -205,8 +217,42 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout)
+
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def ready_file(self) -> Path:
+        """Where it says it is ready, if it does (see ``READY_DIR_ENV``)."""
+        return self.log.parent / f"{self.pid}.ready"
+
+    def wait_ready(
+        self, what: str, ready: Callable[[], Any], timeout: float = START_TIMEOUT
+    ) -> Any:
+        """Poll ``ready`` (a health check) until truthy; ProcessExited if the process
+        exits first, StackError after ``timeout``."""
+
+        def check() -> Any:
+            if not self.alive:
+                tail = self.log_text()[-2000:]
+                raise ProcessExited(f"{self.role} exited with {self.returncode} while waiting "
+                                    f"for {what}; see {self.log}:\n{tail}")  # fmt: skip
+            return ready()
+
+        return wait_until(f"{what} (log: {self.log})", check, timeout, 0.05)
 
     def leftovers(self) -> list[int]:
         """Live processes of this start: itself, and with a session its group."""
@@ -215,33 +261,88 @@ class Proc:
             pids += [p for p in group_members(self.pid) if p != self.pid]
         return pids
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
-        """Stop it (``sig``, then KILL) and KILL whatever is left of its group."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Stop it (``sig``, then KILL) and KILL whatever is left of its group; returns
+        its exit code."""
         self.expected = True
-        stop_process(self.popen, sig, timeout)
+        code = stop_process(self.popen, sig, timeout)
         if self.session:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+        return code
 
 
-def spawn(role: str, argv: list[str], log: Path, *, cwd: Path, env: Mapping[str, str]) -> Proc:
-    """Start ``argv`` in a session of its own (a terminal's Ctrl-C reaches only the
-    supervisor, and the group holds whatever it forks), output appended to ``log``."""
+def spawn(
+    role: str,
+    argv: list[str],
+    log: Path,
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    session: bool = True,
+) -> Proc:
+    """Start ``argv``, output appended to ``log``; with ``session``, in a session of its
+    own (a terminal's Ctrl-C reaches only the supervisor, and the group holds whatever it
+    forks, to be stopped with it)."""
     with open(log, "ab") as out:
         popen = subprocess.Popen(
             argv, cwd=cwd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=session,
         )  # fmt: skip
-    return Proc(role, popen, log)
+    return Proc(role, popen, log, session)
+
+
+class Processes:
+    """The processes of one stack: each started in a session of its own, in ``cwd``, with
+    the environment ``env(extra)`` plus ``STACK_READY_DIR``, its output in
+    ``logdir/NN-role.log``; all stopped by PID, the front ends (``FRONT``) first."""
+
+    FRONT = ("flower", "web")
+
+    def __init__(
+        self, logdir: Path, cwd: Path, env: Callable[[Mapping[str, str] | None], dict[str, str]]
+    ) -> None:
+        self.logdir = logdir
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.cwd = cwd
+        self.env = env
+        self.started: list[Proc] = []  # every start, in order (stopped ones too)
+        self._lock = threading.Lock()
+
+    def spawn(self, role: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
+        with self._lock:
+            log = self.logdir / f"{len(self.started) + 1:02d}-{role}.log"
+            full = {**self.env(env), READY_DIR_ENV: str(self.logdir)}
+            proc = spawn(role, argv, log, cwd=self.cwd, env=full)
+            self.started.append(proc)
+            return proc
+
+    def stop_all(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop every process, newest first but the front ends before anything else."""
+        with self._lock:
+            started = list(reversed(self.started))
+        order = [p for p in started if p.role in self.FRONT]
+        order += [p for p in started if p.role not in self.FRONT]
+        for proc in order:
+            proc.stop(timeout=timeout)
+
+    def leftovers(self) -> list[int]:
+        """PIDs still alive of every start: each process and, with a session, its group."""
+        return sorted({pid for proc in self.started for pid in proc.leftovers()})
+
+
+def http_get(url: str) -> bytes | None:
+    """The body of a GET of ``url`` that answered 200 within 2 s; None otherwise."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bytes(resp.read()) if resp.status == 200 else None
+    except OSError:
+        return None
 
 
 def http_ok(url: str) -> bool:
     """True if a GET of ``url`` answers 200 within 2 s."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
+    return http_get(url) is not None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
-"""A private redis-server for the local stack and the tests: a free loopback port, no
-persistence, so that kill -9 and a restart on the same port give a new, empty server (a
-new run_id), as a broker is usually deployed."""
+"""The one Redis launcher of the tooling: a private redis-server for the demo, chaos, the
+tests and the benchmarks. A free loopback port, no persistence, so that kill -9 and a
+restart on the same port give a new, empty server (a new run_id), as a broker is usually
+deployed. Started with ``tools.processes.spawn``; ready when it answers PING."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import importlib
 import os
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import redis
 
-from tools.processes import StackError, free_port, send_signal, stop_process
+from tools.processes import Proc, StackError, free_port, send_signal, spawn
 
 
 def find_redis_server() -> str:
@@ -46,7 +45,7 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.session = session  # own session: a terminal's Ctrl-C does not reach it
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Proc | None = None
         self.starts = 0
 
     @property
@@ -57,46 +56,49 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> None:
+        """Start and wait until it answers PING. The first start moves to another free
+        port if this one was taken before it bound it; later ones keep the port (clients
+        reconnect to it)."""
         binary = find_redis_server()
-        for attempt in range(5):
+        first = self.starts == 0
+        failure: StackError | None = None
+        for _ in range(5):
             self.starts += 1
             argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
-            with open(self.workdir / f"redis-{self.starts}.log", "wb") as log:
-                self.proc = subprocess.Popen(
-                    argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.session
-                )
-            if self._wait_ready():
+            log = self.workdir / f"redis-{self.starts}.log"
+            self.proc = spawn("redis", argv, log, cwd=self.workdir, env=os.environ,
+                              session=self.session)  # fmt: skip
+            try:
+                self.proc.wait_ready(f"redis-server to answer on port {self.port}", self.ping, 10)
                 return
-            stop_process(self.proc, signal.SIGKILL)
-            if self.starts == 1 and attempt < 4:
-                self.port = free_port()  # someone took the port between probe and bind
-        raise StackError(f"redis-server did not start on port {self.port} (see {self.workdir})")
+            except StackError as exc:
+                failure = exc
+                self.proc.stop(signal.SIGKILL)
+                self.proc = None
+                if first:
+                    self.port = free_port()
+        raise StackError(f"redis-server did not start (see {self.workdir}): {failure}")
 
-    def _wait_ready(self, timeout: float = 10) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            with contextlib.suppress(redis.RedisError):
-                if self.client().ping():
-                    return True
-            time.sleep(0.02)
+    def ping(self) -> bool:
+        """True if the server answers PING (its health check)."""
+        with contextlib.suppress(redis.RedisError):
+            return bool(self.client().ping())
         return False
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.alive
 
     def kill(self) -> None:
         """kill -9: everything queued is gone (no persistence)."""
         if self.proc is not None:
-            stop_process(self.proc, signal.SIGKILL)
+            self.proc.stop(signal.SIGKILL)
             self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            self.proc.stop()
             self.proc = None
 
     def restart(self) -> None:

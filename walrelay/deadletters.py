@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from walstore import Wal
+from walstore.fs import OsFs
 
 from .errors import BadRecordError, DeadLetterNotFoundError
 from .record import decode
@@ -72,10 +73,12 @@ class DeadLetter:
 
 
 class DeadLetterStore:
-    """The dead letters of the WAL in ``wal_dir``."""
+    """The dead letters of the WAL in ``wal_dir``, written through walstore's file layer
+    (``fs``, default ``OsFs``: tests pass a fault-injecting one)."""
 
-    def __init__(self, wal_dir: str) -> None:
+    def __init__(self, wal_dir: str, fs: OsFs | None = None) -> None:
         self.directory = os.path.join(os.path.abspath(wal_dir), SUBDIR)
+        self.fs = fs or OsFs()
 
     def _path(self, letter_id: str) -> str:
         if not letter_id.isdigit():
@@ -84,27 +87,11 @@ class DeadLetterStore:
 
     def add(self, letter: DeadLetter) -> None:
         """Store durably (replacing a dead letter with the same id)."""
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self.fs.fsync_dir(os.path.dirname(self.directory))  # the new directory's entry
         data = json.dumps(letter.to_json(), indent=1, sort_keys=True).encode()
-        final = self._path(letter.id)
-        tmp = f"{final}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.fs.write_file_atomic(self.directory, os.path.basename(self._path(letter.id)), data)
 
     def list(self) -> list[DeadLetter]:
         if not os.path.isdir(self.directory):
@@ -121,10 +108,10 @@ class DeadLetterStore:
 
     def remove(self, letter_id: str) -> None:
         try:
-            os.unlink(self._path(letter_id))
+            self.fs.unlink(self._path(letter_id))
         except FileNotFoundError:
             raise DeadLetterNotFoundError(f"no dead letter {letter_id}") from None
-        self._fsync_dir()
+        self.fs.fsync_dir(self.directory)
 
     def replay(self, letter_id: str, wal: Wal) -> int:
         """Append the dead entry again (its failed targets only); returns the new LSN.

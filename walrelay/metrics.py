@@ -18,7 +18,6 @@ Three kinds, read in three ways:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +40,8 @@ from prometheus_client.registry import Collector
 
 from walstore import Wal
 from walstore.fs import OsFs
+
+from .settings import DEFAULT_METRICS_ADDR, MetricsSettings
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,9 @@ class Exporter:
         self.thread.join(timeout=5)
 
 
-def start_exporter(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> Exporter:
+def start_exporter(
+    registry: CollectorRegistry, port: int, addr: str = DEFAULT_METRICS_ADDR
+) -> Exporter:
     """Serve ``registry`` at http://addr:port/metrics from a daemon thread (port 0: any)."""
     server, thread = start_http_server(port, addr=addr, registry=registry)
     return Exporter(server, thread)
@@ -309,16 +312,8 @@ def exporter_from_env(
     registry: CollectorRegistry, env: Mapping[str, str] | None = None
 ) -> Exporter | None:
     """Start the exporter if ``PUMP_METRICS_PORT`` is set (on ``PUMP_METRICS_ADDR``,
-    default 127.0.0.1; a container sets 0.0.0.0 so Prometheus can reach it)."""
-    env = os.environ if env is None else env
-    raw = env.get("PUMP_METRICS_PORT", "").strip()
-    if not raw:
+    default 127.0.0.1): see ``MetricsSettings``."""
+    settings = MetricsSettings.from_env(env)
+    if settings.port is None:
         return None
-    try:
-        port = int(raw)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise ValueError(f"PUMP_METRICS_PORT={raw!r} is not a TCP port (0-65535)")
-    addr = env.get("PUMP_METRICS_ADDR", "").strip() or "127.0.0.1"
-    return start_exporter(registry, port, addr)
+    return start_exporter(registry, settings.port, settings.addr)

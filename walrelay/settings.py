@@ -1,7 +1,8 @@
 """The relay's settings: one frozen dataclass, read from the environment only by
 ``RelaySettings.from_env`` (called when a ``Relay`` is first used and by the commands,
-never at import). The log's own settings (``WAL_SEGMENT_BYTES``, ``WAL_MAX_BYTES``,
-``WAL_SYNC``) are walstore's: ``walstore.Options.from_env``."""
+never at import); and the pump's metrics exporter's, read by ``celery pump`` alone
+(``MetricsSettings.from_env``). The log's own settings (``WAL_SEGMENT_BYTES``,
+``WAL_MAX_BYTES``, ``WAL_SYNC``) are walstore's: ``walstore.Options.from_env``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ DEFAULT_MAX_ACK_TIMEOUT = 300.0
 DEFAULT_RETRY_DELAY = 1.0
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_IDEMPOTENCY_WINDOW = 24 * 3600.0
+DEFAULT_METRICS_ADDR = "127.0.0.1"
 
 
 def env_float(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
@@ -86,3 +88,31 @@ class RelaySettings:
                 env, "RELAY_IDEMPOTENCY_WINDOW", DEFAULT_IDEMPOTENCY_WINDOW, 0.0
             ),
         )
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where the pump serves its Prometheus metrics. Apart from ``RelaySettings`` because
+    only the pump reads them: a bad value stops the pump with a clear message, not every
+    process that imports the app (workers, web, Flower)."""
+
+    # TCP port (0: any free one); None: no exporter (PUMP_METRICS_PORT).
+    port: int | None = None
+    # Address to listen on; a container sets 0.0.0.0 so Prometheus can reach it
+    # (PUMP_METRICS_ADDR).
+    addr: str = DEFAULT_METRICS_ADDR
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MetricsSettings:
+        """Settings from ``PUMP_METRICS_PORT`` and ``PUMP_METRICS_ADDR``."""
+        env = os.environ if env is None else env
+        raw = env.get("PUMP_METRICS_PORT", "").strip()
+        port: int | None = None
+        if raw:
+            try:
+                port = int(raw)
+            except ValueError:
+                port = -1
+            if not 0 <= port <= 65535:
+                raise ValueError(f"PUMP_METRICS_PORT={raw!r} is not a TCP port (0-65535)")
+        return cls(port, env.get("PUMP_METRICS_ADDR", "").strip() or DEFAULT_METRICS_ADDR)

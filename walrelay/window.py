@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+from . import settings
 from .broker import Ack, TaskMessage
 from .record import Entry, TaskSpec, task_id
 
@@ -16,20 +17,20 @@ from .record import Entry, TaskSpec, task_id
 @dataclass(frozen=True)
 class PumpConfig:
     # Most entries unconfirmed at once: bounds memory, whatever the backlog.
-    window: int = 10_000
+    window: int = settings.DEFAULT_PUMP_WINDOW
     # Most records read from the log per step.
     read_batch: int = 1000
     # Seconds without an ack after which a task is suspected lost. It is re-sent (and
     # counted as a failed attempt) only if the workers have since finished a task
     # published after it on the same queue: a slow queue is not a lost message.
-    ack_timeout: float = 30.0
+    ack_timeout: float = settings.DEFAULT_ACK_TIMEOUT
     # A task unconfirmed this long is re-sent even without that evidence (not counted).
-    max_ack_timeout: float = 300.0
+    max_ack_timeout: float = settings.DEFAULT_MAX_ACK_TIMEOUT
     # Pause before re-sending a task that failed; doubles per failure, up to the max.
-    retry_delay: float = 1.0
+    retry_delay: float = settings.DEFAULT_RETRY_DELAY
     max_retry_delay: float = 60.0
     # Failed attempts after which a target goes to the dead letters.
-    max_attempts: int = 5
+    max_attempts: int = settings.DEFAULT_MAX_ATTEMPTS
     # How often the low water mark is persisted (and segments pruned) at most.
     checkpoint_interval: float = 0.5
     # How often the broker session is checked (a Redis restart is a new run_id).

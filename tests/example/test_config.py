@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tasks import checkout
 from tasks.app import celery_config
 from tasks.config import Settings
+from walrelay import settings as walrelay_settings
 from walrelay.commands.pump import pump_config
 
 pytestmark = pytest.mark.timeout(10)
@@ -57,3 +61,18 @@ def test_celery_config_is_json_only_and_late_acking() -> None:
     assert conf["broker_connection_max_retries"] is None
     assert conf["worker_send_task_events"] and conf["task_send_sent_event"]
     assert conf["broker_transport_options"]["visibility_timeout"] == 3600.0
+
+
+def test_the_producers_default_log_is_the_relays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``record_purchase`` without WAL_DIR appends where the pump reads by default: one
+    default (walrelay's), not a second literal in the example."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WAL_DIR", raising=False)
+    monkeypatch.setattr(walrelay_settings, "DEFAULT_WAL_DIR", "./moved/wal")
+    wal = checkout.wal_for()
+    try:
+        assert wal.directory == str(tmp_path / "moved" / "wal")
+    finally:
+        wal.close()

@@ -1,6 +1,6 @@
 """Machinery of the crash-the-broker fault suite (tests/test_faults*.py).
 
-``Pipeline``: a ``Stack`` (tests/stack.py) on a private redis-server with two real
+``Pipeline``: a ``Stack`` (tests/support/stack.py) on a private redis-server with two real
 workers (``celery -A fault_app worker``: the product's app plus test hooks, see
 tests/fault_app.py), the real pump and a ``WalMonitor`` sampling the log's watermarks.
 ``Producers``: real processes calling ``record_purchase`` in a loop
@@ -24,9 +24,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.stack import RedisServer, Stack, stop_process, wait_until
+from tests.support.stack import ROOT, RedisServer, Stack, wait_until
 from tools.audit import Audit, WalMonitor, audit
-from tools.processes import send_signal
+from tools.processes import Proc, send_signal
+from tools.roles import wait_worker
 from walrelay.broker import ack_queue
 from walrelay.deadletters import DeadLetterStore
 from walstore.inspect import Snapshot, snapshot
@@ -43,8 +44,9 @@ DRAIN_TIMEOUT = 120.0
 
 def suite_env(marks: Path) -> dict[str, str]:
     return {
-        # fault_app (``celery -A fault_app``), and the example for the producer scripts
-        "PYTHONPATH": os.pathsep.join((str(TESTS), str(TESTS.parents[1]))),
+        # fault_app (``celery -A fault_app``); the checkout, for ``python
+        # tests/support/fault_producer.py`` (a script's path puts only its own folder first).
+        "PYTHONPATH": os.pathsep.join((str(TESTS), str(ROOT))),
         "FAULT_MARKS": str(marks),
         "WAL_SYNC": "always",  # as deployed: acknowledged means fsync'd
         "PUMP_ACK_TIMEOUT": str(ACK_TIMEOUT),
@@ -99,7 +101,7 @@ class Producers:
     rate: float
     max_seconds: float = 200.0
     max_count: int = 1_000_000
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
 
     def path(self, i: int) -> Path:
         return self.stack.tmp / "journals" / f"{self.prefix}p{i}.log"
@@ -115,7 +117,7 @@ class Producers:
 
     def stop(self) -> list[int]:
         """SIGTERM (they finish the append in progress) and their exit codes."""
-        return [stop_process(p, signal.SIGTERM, timeout=30) for p in self.procs]
+        return [p.stop(signal.SIGTERM, timeout=30) for p in self.procs]
 
     def wait(self, timeout: float) -> list[int]:
         return [p.wait(timeout) for p in self.procs]
@@ -145,8 +147,8 @@ class Pipeline:
         self.marks.mkdir(parents=True)
         self.redis = RedisServer(tmp / "redis")
         self.stack = Stack(tmp, self.redis, overrides=suite_env(self.marks))
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.pump: subprocess.Popen[bytes] | None = None
+        self.workers: list[Proc] = []
+        self.pump: Proc | None = None
         self.monitor = WalMonitor(self.snapshot, interval=0.1)
 
     # ------------------------------------------------------------------ processes
@@ -155,14 +157,15 @@ class Pipeline:
         self.workers += new
         if wait:
             for proc in new:
-                self.wait_log(proc, " ready.")
+                wait_worker(proc)
 
     def start_pump(self) -> None:
         self.pump = self.stack.start_pump()
 
-    def wait_log(self, proc: subprocess.Popen[bytes], marker: str, timeout: float = 60) -> None:
-        wait_until(f"{marker!r} in the log of {proc.pid}",
-                   lambda: self.stack._ready(proc, marker), timeout)  # fmt: skip
+    def wait_log(self, proc: Proc, marker: str, timeout: float = 60) -> None:
+        """Until ``marker`` is in the log of ``proc`` (what a case asserts it logs)."""
+        proc.wait_ready(f"{marker!r} in the log of {proc.pid}",
+                        lambda: marker in proc.log_text(), timeout)  # fmt: skip
 
     def heal(self) -> None:
         """Whatever an earlier case left dead is started again (as supervisors would),
@@ -182,7 +185,7 @@ class Pipeline:
         keep = {id(p) for p in (self.pump, *self.workers)}
         for proc in self.stack.procs[since:]:
             if id(proc) not in keep:
-                stop_process(proc, signal.SIGTERM, timeout=30)
+                proc.stop(signal.SIGTERM, timeout=30)
 
     def stop_all(self) -> None:
         self.monitor.stop()

@@ -8,13 +8,13 @@ must not shadow the Flower package.
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 from dataclasses import dataclass
 
 import httpx
 
-from tests.support.stack import CELERY, Stack, free_port, wait_until
+from tests.support.stack import Stack, wait_until
+from tools.processes import Proc
+from tools.roles import start_flower as start_flower_process
 from walrelay.record import decode, task_id
 from walstore import Options, Wal
 
@@ -33,12 +33,11 @@ class ExpectedTask:
 
 @dataclass
 class FlowerServer:
-    proc: subprocess.Popen[bytes]
-    port: int
+    proc: Proc
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.proc.url
 
     def get(self, path: str, **params: str) -> httpx.Response:
         return httpx.get(self.url + path, params=params, auth=(USER, PASSWORD), timeout=10)
@@ -55,22 +54,8 @@ def start_flower(stack: Stack) -> FlowerServer:
 
     Start it before any worker: on Redis, events are pub/sub messages, and whatever was
     published before Flower subscribed is not shown (nor is it stored anywhere)."""
-    port = free_port()
-    proc = stack.spawn(
-        "flower",
-        [CELERY, "-A", "worker", "flower", "--address=127.0.0.1", f"--port={port}"],
-        {"FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"},
-    )
-    server = FlowerServer(proc, port)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"flower exited {proc.returncode}:\n{stack.log_of(proc)}")
-        with contextlib.suppress(httpx.TransportError):
-            return httpx.get(server.url + "/healthcheck", timeout=2).status_code == 200
-        return False
-
-    wait_until("flower answering", healthy, 60, 0.1)
+    auth = {"FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    server = FlowerServer(start_flower_process(stack.processes, env=auth))
     # Flower's event receiver PSUBSCRIBEs to the celeryev fanout; no worker runs yet, so
     # a pattern subscription on the server is Flower's.
     client = stack.redis.client()

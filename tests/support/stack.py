@@ -1,10 +1,12 @@
 """Reusable test machinery for the pipeline: a private redis-server and a Stack of real
 pump and worker processes, all owned by the test and stopped by PID.
 
-``RedisServer``: start on a free loopback port, ``kill`` (-9), ``restart`` on the same
-port (empty: no persistence), ``client()``. ``Stack``: the environment of one pipeline
-(broker, WAL_DIR, LEDGER_URL, small segments) and helpers to start/stop workers and the
-pump, run ``celery -A worker ...`` commands and read the ledger and the log.
+``RedisServer`` (tools.redis_server, the one launcher): start on a free loopback port,
+``kill`` (-9), ``restart`` on the same port (empty: no persistence), ``client()``.
+``Stack``: the environment of one pipeline (broker, WAL_DIR, LEDGER_URL, small segments)
+and helpers to start/stop workers and the pump through the one supervisor
+(tools.processes, tools.roles: ready by a ready file or a health check), run
+``celery -A worker ...`` commands and read the ledger and the log.
 """
 
 from __future__ import annotations
@@ -16,36 +18,35 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.localstack import (
-    RedisServer,
-    free_port,
-    ledger_snapshot,
-    ledger_url_in,
-    pipeline_env,
-    stop_process,
-    wait_until,
-    wal_dir_in,
-    worker_argv,
-)
-from tools.processes import celery_bin
+from tools import roles
+from tools.localstack import ROOT, ledger_snapshot, ledger_url_in, pipeline_env, wal_dir_in
+from tools.processes import Proc, Processes, celery_bin, free_port, wait_until
+from tools.redis_server import RedisServer
 from walstore import Options, Status, Wal
 
-__all__ = ["CELERY", "RedisServer", "Stack", "free_port", "stop_process", "wait_until"]
+__all__ = ["CELERY", "ROOT", "RedisServer", "Stack", "free_port", "wait_until"]
 
-ROOT = Path(__file__).resolve().parents[2]
 CELERY = celery_bin()
+SMALL_LOG = {"WAL_SEGMENT_BYTES": "16384", "WAL_SYNC": "none"}
 
 
 @dataclass
 class Stack:
-    """One pipeline's environment and the processes a test started in it."""
+    """One pipeline's environment and the processes a test started in it (their logs in
+    ``tmp/logs``)."""
 
     tmp: Path
     redis: RedisServer
     overrides: Mapping[str, str] = field(default_factory=dict)
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    logs: dict[int, Path] = field(default_factory=dict)
-    _n: int = 0
+    processes: Processes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.processes = Processes(self.tmp / "logs", ROOT, self.env)
+
+    @property
+    def procs(self) -> list[Proc]:
+        """Every process started, in order."""
+        return self.processes.started
 
     @property
     def wal_dir(self) -> Path:
@@ -56,49 +57,30 @@ class Stack:
         return ledger_url_in(self.tmp)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        small = {"WAL_SEGMENT_BYTES": "16384", "WAL_SYNC": "none"}
-        return pipeline_env(self.redis.url, self.tmp, small, self.overrides, extra)
+        return pipeline_env(self.redis.url, self.tmp, SMALL_LOG, self.overrides, extra)
 
-    def spawn(
-        self, name: str, argv: list[str], env: Mapping[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        self._n += 1
-        path = self.tmp / f"{self._n:02d}-{name}.log"
-        with open(path, "wb") as log:
-            proc = subprocess.Popen(
-                argv, cwd=ROOT, env=self.env(env), stdout=log, stderr=subprocess.STDOUT
-            )
-        self.procs.append(proc)
-        self.logs[proc.pid] = path
-        return proc
+    def spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
+        return self.processes.spawn(name, argv, env)
 
-    def log_of(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.logs[proc.pid].read_text(errors="replace")
+    def log_of(self, proc: Proc) -> str:
+        return proc.log_text()
 
     def start_worker(
         self,
         concurrency: int = 1,
         env: Mapping[str, str] | None = None,
-        queues: str = "warehouse,finance",
+        queues: str = roles.WORKER_QUEUES,
         app: str = "worker",
         wait: bool = True,
-    ) -> subprocess.Popen[bytes]:
-        """A worker of ``app`` (-A); ``wait``: until it is ready (connected)."""
-        name = f"w{self._n + 1}"
-        proc = self.spawn(name, worker_argv(f"{name}@%h", concurrency, queues, app=app), env)
-        if wait:
-            wait_until(f"worker {name} ready", lambda: self._ready(proc, " ready."), 60)
-        return proc
+    ) -> Proc:
+        """A worker of ``app`` (-A); ``wait``: until it consumes (its ready file)."""
+        name = f"w{len(self.procs) + 1}"
+        return roles.start_worker(self.processes, name, concurrency, queues=queues, app=app,
+                                  env=env, wait=wait)  # fmt: skip
 
-    def start_pump(self, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = self.spawn("pump", [CELERY, "-A", "worker", "pump"], env)
-        wait_until("pump started", lambda: self._ready(proc, "resuming at LSN"), 60)
-        return proc
-
-    def _ready(self, proc: subprocess.Popen[bytes], marker: str) -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited {proc.returncode}:\n{self.log_of(proc)[-3000:]}")
-        return marker in self.log_of(proc)
+    def start_pump(self, env: Mapping[str, str] | None = None) -> Proc:
+        """The pump, once its metrics answer (``PUMP_METRICS_PORT`` of ``env``, if set)."""
+        return roles.start_pump(self.processes, env=env)
 
     def celery(
         self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
@@ -113,12 +95,11 @@ class Stack:
             check=False,
         )
 
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
-        return stop_process(proc, sig)
+    def stop(self, proc: Proc, sig: int = signal.SIGTERM) -> int:
+        return proc.stop(sig)
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            stop_process(proc, signal.SIGTERM, timeout=10)
+        self.processes.stop_all(timeout=10)
 
     # ------------------------------------------------------------------ observations
     def ledger(self) -> dict[str, dict[str, int]]:
@@ -145,14 +126,9 @@ class Stack:
         running = []
         for p in range(processes):
             name = f"{prefix}{p}"
-            running.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code, name, str(per_process), skus],
-                    cwd=ROOT,
-                    env=self.env(),
-                )
-            )
+            argv = [sys.executable, "-c", code, name, str(per_process), skus]
+            running.append(self.spawn(f"producer-{name}", argv))
             ids += [f"{name}-{i}" for i in range(per_process)]
         for proc in running:
-            assert proc.wait(120) == 0, "a producer failed"
+            assert proc.wait(120) == 0, f"a producer failed:\n{proc.log_text()[-3000:]}"
         return ids

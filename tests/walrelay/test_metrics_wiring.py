@@ -14,6 +14,7 @@ from tasks import checkout
 from tasks.web import create_app
 from tests.support.stack import Stack, free_port, wait_until
 from tests.support.web_client import AppClient
+from tools.processes import StackError
 
 NS = "walpurchase_"
 
@@ -49,7 +50,7 @@ def scrape_until(url: str, what: str, expected: dict[str, float]) -> dict[str, f
 
     try:
         return wait_until(what, matches, 20, 0.2)  # type: ignore[no-any-return]
-    except AssertionError:
+    except StackError:  # a timeout: say what the last scrape showed
         got = scrape(url) or {}
         last = {k: got.get(k) for k in expected}
         raise AssertionError(f"{what}: expected {expected}, last scrape {last}") from None

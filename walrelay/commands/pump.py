@@ -26,7 +26,7 @@ from ..errors import PumpLockedError
 from ..metrics import Exporter, exporter_from_env, pump_registry
 from ..pump import Pump
 from ..relay import Relay
-from ..settings import RelaySettings
+from ..settings import DEFAULT_WAL_DIR, RelaySettings
 from ..window import PumpConfig
 
 LOCK_NAME = "pump.lock"
@@ -86,7 +86,9 @@ def serve_metrics(runner: Pump) -> Exporter | None:
 
 
 @click.command(cls=CeleryCommand)
-@click.option("--wal-dir", default=None, help="The log to pump (default: WAL_DIR or ./var/wal).")
+@click.option(
+    "--wal-dir", default=None, help=f"The log to pump (default: WAL_DIR or {DEFAULT_WAL_DIR})."
+)
 @click.option("--window", type=int, default=None, help="Most entries in flight (PUMP_WINDOW).")
 @click.option("-l", "--loglevel", default="INFO", show_default=True, help="Logging level.")
 @click.pass_context

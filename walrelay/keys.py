@@ -60,7 +60,7 @@ _NOTHING_APPENDED = (LogFullError, RecordTooLargeError)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, digest TEXT NOT NULL,"
-    " lsn INTEGER NOT NULL, task_ids TEXT NOT NULL, created REAL NOT NULL)",
+    " lsn INTEGER NOT NULL, task_ids TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS keys_created ON keys (created)",
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
@@ -113,8 +113,9 @@ class KeyIndex:
         self._db = sqlite3.connect(
             db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
+        with self._db_lock, self._writer():
+            self._db.execute("PRAGMA journal_mode=WAL")  # not within a transaction
         with self._writing():
-            self._db.execute("PRAGMA journal_mode=WAL")
             for statement in _SCHEMA:
                 self._db.execute(statement)
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -187,20 +188,24 @@ class KeyIndex:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
 
     @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _WRITER)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _WRITER)
+
+    @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """One SQLite write transaction at a time across processes (and threads)."""
-        with self._db_lock:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _WRITER)
+        with self._db_lock, self._writer():
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _WRITER)
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _mark(self, stripe: int, key: str, scan_from: int) -> None:
         slot = _SLOT.pack(scan_from + 1, _hash(key), os.getpid())
@@ -282,6 +287,11 @@ class KeyIndex:
                 # stays; an expired row of an earlier send is replaced.
                 self._db.executemany(_UPSERT_NEWER, live)
 
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
+        os.close(self._fd)  # drops this process's locks on keys.lock: none are held now
+
     def _meta(self, name: str) -> str | None:
         with self._db_lock:
             row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -307,3 +317,11 @@ def index_for(wal: Wal) -> KeyIndex:
         if index is None:
             index = _registry[key] = KeyIndex(directory, wal)
         return index
+
+
+def close_index(directory: str) -> None:
+    """Close this process's index of ``directory`` (a later send opens it again)."""
+    with _registry_lock:
+        index = _registry.pop((os.getpid(), os.path.realpath(directory)), None)
+    if index is not None:
+        index.close()

@@ -25,7 +25,7 @@ from walstore import Options, Wal
 
 from . import acks
 from .errors import SendError
-from .keys import index_for, receipt_of
+from .keys import close_index, index_for, receipt_of
 from .receipt import Receipt
 from .record import Entry
 from .settings import RelaySettings
@@ -95,10 +95,12 @@ class Relay:
             return wal
 
     def close(self) -> None:
-        """Close this process's handle on the log (a later use opens it again)."""
+        """Close this process's handles on the log and on its key index (a later use
+        opens them again)."""
         with self._lock:
             wal = self._wals.pop(os.getpid(), None)
         if wal is not None:
+            close_index(wal.directory)
             wal.close()
 
     # ---------------------------------------------------------------- sending

@@ -47,7 +47,17 @@ def task_specs(app: Celery, signatures: tuple[Any, ...], now: float) -> tuple[Ta
     """One TaskSpec per signature, targets "0", "1", ... by position."""
     if not signatures:
         raise SendError("send() needs at least one task signature, e.g. task.s(...)")
-    return tuple(task_spec(app, str(i), sig, now) for i, sig in enumerate(signatures))
+    specs = tuple(task_spec(app, str(i), sig, now) for i, sig in enumerate(signatures))
+    try:  # one pass over everything; only a failure looks for the culprit
+        _check_json([[t.args, t.kwargs, t.options.get("headers")] for t in specs])
+    except NotSerializableError:
+        for t in specs:
+            where = f"task {t.target} ({t.name})"
+            for part in ("args", "kwargs", "headers"):
+                value = t.options.get(part) if part == "headers" else getattr(t, part)
+                _check_json(value, f"{where}: {part} are")
+        raise
+    return specs
 
 
 def task_spec(app: Celery, target: str, sig: Any, now: float) -> TaskSpec:
@@ -70,7 +80,6 @@ def task_spec(app: Celery, target: str, sig: Any, now: float) -> TaskSpec:
     queue, exchange, routing_key = _destination(app, routed, where)
     carried = _carried(app, routed, now, where)
     carried.update(exchange=exchange, routing_key=routing_key)
-    _check_json(where, args=args, kwargs=kwargs, headers=carried.get("headers"))
     return TaskSpec(target, name, queue, args, kwargs, carried)
 
 
@@ -211,11 +220,10 @@ def _headers(headers: Any, where: str) -> dict[str, Any]:
     return dict(headers)
 
 
-def _check_json(where: str, **parts: Any) -> None:
-    """Each part must be JSON text in UTF-8: no NaN or infinity, no type JSON lacks, no
-    lone surrogate (json.dumps would write it, and the record could not be encoded)."""
-    for name, value in parts.items():
-        try:
-            json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
-        except (TypeError, ValueError, RecursionError) as exc:  # incl. UnicodeEncodeError
-            raise NotSerializableError(f"{where}: {name} are not JSON: {exc}") from None
+def _check_json(value: Any, what: str = "the tasks' arguments are") -> None:
+    """JSON text in UTF-8: no NaN or infinity, no type JSON lacks, no lone surrogate
+    (json.dumps would write it, and the record could not be encoded)."""
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # incl. UnicodeEncodeError
+        raise NotSerializableError(f"{what} not JSON: {exc}") from None

@@ -311,7 +311,7 @@ class KeyRules(RuleBasedStateMachine):
         def die(*_: Any) -> None:
             raise KeyboardInterrupt("killed")
 
-        index._insert = die  # type: ignore[method-assign]
+        index._insert = die  # type: ignore[method-assign,assignment]
         try:
             self._send(key, payload)
         except KeyboardInterrupt:

@@ -50,8 +50,8 @@ def _worker(case: str, wal_dir: str, proc: int, seconds: float, start: Any, out:
     app, reserve, revenue = _app()
     relay = Relay(app, wal_dir, settings=RelaySettings(wal_dir=wal_dir), wal_options=Options())
     wal = relay.wal()
-    if case == "keyed":  # open the index before the clock starts, as a web worker would
-        relay.send(reserve.s(_purchase(proc, -1)), key=f"warm-{proc}")
+    if case != "raw":  # finalize the app (and open the index) before the clock starts
+        relay.send(reserve.s(_purchase(proc, -1)), key=f"warm-{proc}" if case == "keyed" else None)
     start.wait()
     n, deadline = 0, time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -44,9 +44,10 @@ from typing import Any
 
 from walstore import LogFullError, RecordTooLargeError, Wal
 
-from .errors import BadRecordError, DuplicateKeyError
+from .errors import BadRecordError, DuplicateKeyError, NotSerializableError
 from .receipt import Receipt
 from .record import Entry, decode, task_id
+from .signatures import arguments_json
 
 DB_NAME = "keys.sqlite3"
 LOCK_NAME = "keys.lock"
@@ -73,15 +74,18 @@ _UPSERT_NEWER = (
 )
 
 
-def digest(entry: Entry) -> str:
+def digest(entry: Entry, arguments: str | None = None) -> str:
     """What "the same tasks" means: names, routes, arguments, priority, headers and the
-    order key. Not eta or expires: a retried send's countdown counts from its own time."""
-    tasks = [
-        [t.name, t.queue, t.options.get("exchange"), t.options.get("routing_key"), t.args,
-         t.kwargs, t.options.get("priority"), t.options.get("headers")]
+    order key. Not eta or expires: a retried send's countdown counts from its own time.
+    ``arguments``: ``arguments_json(entry.tasks)`` if the caller has it already."""
+    if arguments is None:
+        arguments = arguments_json(entry.tasks)
+    routes = [
+        [t.name, t.queue, t.options.get("exchange"), t.options.get("routing_key"),
+         t.options.get("priority")]
         for t in entry.tasks
     ]  # fmt: skip
-    doc = json.dumps([entry.order_key, tasks], sort_keys=True, separators=(",", ":"))
+    doc = json.dumps([entry.order_key, routes], separators=(",", ":")) + arguments
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
@@ -103,6 +107,7 @@ class KeyIndex:
 
     def __init__(self, directory: str, wal: Wal) -> None:
         self.directory = directory
+        self.closed = False
         self._threads = [threading.Lock() for _ in range(STRIPES)]
         self._db_lock = threading.Lock()
         self._next_purge = 0.0
@@ -123,12 +128,12 @@ class KeyIndex:
 
     # ---------------------------------------------------------------- the send path
     def send_once(
-        self, wal: Wal, entry: Entry, payload: bytes, window: float, now: float
+        self, wal: Wal, entry: Entry, payload: bytes, wanted: str, window: float, now: float
     ) -> Receipt:
-        """Append ``payload`` (the record of ``entry``, keyed) unless its key is live."""
+        """Append ``payload`` (the record of ``entry``, keyed, of digest ``wanted``) unless
+        its key is live."""
         key = entry.key
         assert key is not None
-        wanted = digest(decode(payload))  # as stored: JSON's types, as a rebuild sees it
         stripe = zlib.crc32(key.encode()) % STRIPES
         with self._stripe(stripe):
             self._resolve(stripe, wal, window)
@@ -165,15 +170,12 @@ class KeyIndex:
         return str(row[0]), Receipt(int(row[1]), key, tuple(json.loads(row[2])))
 
     def _insert(self, key: str, wanted: str, receipt: Receipt, created: float) -> None:
-        ids = json.dumps(receipt.task_ids)
-        with self._writing():
-            self._db.execute(
-                "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?)",
-                (key, wanted, receipt.lsn, ids, created),
-            )
+        row = (key, wanted, receipt.lsn, json.dumps(receipt.task_ids), created)
+        with self._db_lock, self._writer():  # one statement: its own transaction
+            self._db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?)", row)
 
     def _purge(self, oldest: float) -> None:
-        with self._writing():
+        with self._db_lock, self._writer():
             self._db.execute("DELETE FROM keys WHERE created <= ?", (oldest,))
 
     # ---------------------------------------------------------------- locks and slots
@@ -267,7 +269,8 @@ class KeyIndex:
                     break
                 try:
                     entry = decode(payload)
-                except BadRecordError:
+                    entry_digest = digest(entry)
+                except (BadRecordError, NotSerializableError):
                     continue  # the pump dead-letters it; it indexes nothing
                 key, created = entry.key, entry.created
                 if not key or created is None:
@@ -277,7 +280,7 @@ class KeyIndex:
                 if key in rows and rows[key][4] >= created:
                     continue  # the same send again (replay, carried forward): keep the first
                 receipt = receipt_of(wal.wal_id, lsn, entry)
-                rows[key] = (key, digest(entry), receipt.lsn, json.dumps(receipt.task_ids),
+                rows[key] = (key, entry_digest, receipt.lsn, json.dumps(receipt.task_ids),
                              created)  # fmt: skip
         oldest = -1.0 if window is None else time.time() - window
         live = [r for r in rows.values() if r[4] > oldest]
@@ -288,6 +291,7 @@ class KeyIndex:
                 self._db.executemany(_UPSERT_NEWER, live)
 
     def close(self) -> None:
+        self.closed = True
         with self._db_lock:
             self._db.close()
         os.close(self._fd)  # drops this process's locks on keys.lock: none are held now

@@ -25,11 +25,11 @@ from walstore import Options, Wal
 
 from . import acks
 from .errors import SendError
-from .keys import close_index, index_for, receipt_of
+from .keys import KeyIndex, close_index, digest, index_for, receipt_of
 from .receipt import Receipt
 from .record import Entry
 from .settings import RelaySettings
-from .signatures import task_specs
+from .signatures import arguments_json, task_specs
 
 CONSUMER = "walrelay.worker.consumer:Consumer"
 _CELERY_DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
@@ -58,6 +58,7 @@ class Relay:
         self._wal_options = wal_options
         self._lock = threading.Lock()
         self._wals: dict[int, Wal] = {}  # by pid: a handle is never used across a fork
+        self._indexes: dict[int, KeyIndex] = {}  # by pid, as the log
         self.commands: dict[str, click.Command] = {}
         setattr(app, _ATTR, self)
         acks.install(app)
@@ -99,6 +100,7 @@ class Relay:
         opens them again)."""
         with self._lock:
             wal = self._wals.pop(os.getpid(), None)
+            self._indexes.pop(os.getpid(), None)
         if wal is not None:
             close_index(wal.directory)
             wal.close()
@@ -121,13 +123,22 @@ class Relay:
         _check_key("order_key", order_key)
         now = time.time()
         tasks = task_specs(self.app, signatures, now)
+        arguments = arguments_json(tasks)
         entry = Entry(key, tasks, order_key=order_key, created=now)
         payload = entry.encode()
         wal = self.wal()
         window = self.settings.idempotency_window
         if key is None or window <= 0:
             return receipt_of(wal.wal_id, wal.append(payload), entry)
-        return index_for(wal).send_once(wal, entry, payload, window, now)
+        index = self._indexes.get(os.getpid())
+        if index is None or index.closed:
+            index = self._index(wal)
+        return index.send_once(wal, entry, payload, digest(entry, arguments), window, now)
+
+    def _index(self, wal: Wal) -> KeyIndex:
+        with self._lock:
+            index = self._indexes[os.getpid()] = index_for(wal)
+            return index
 
     # ---------------------------------------------------------------- commands
     def add_command(self, command: click.Command) -> click.Command:

@@ -47,9 +47,15 @@ def task_specs(app: Celery, signatures: tuple[Any, ...], now: float) -> tuple[Ta
     """One TaskSpec per signature, targets "0", "1", ... by position."""
     if not signatures:
         raise SendError("send() needs at least one task signature, e.g. task.s(...)")
-    specs = tuple(task_spec(app, str(i), sig, now) for i, sig in enumerate(signatures))
+    return tuple(task_spec(app, str(i), sig, now) for i, sig in enumerate(signatures))
+
+
+def arguments_json(specs: tuple[TaskSpec, ...]) -> str:
+    """The JSON text of every task's args, kwargs and headers, or NotSerializableError
+    naming the first task and part that is not JSON text. The same text again for the
+    record decoded from the log (JSON round-trips), so keys.digest can hash it."""
     try:  # one pass over everything; only a failure looks for the culprit
-        _check_json([[t.args, t.kwargs, t.options.get("headers")] for t in specs])
+        return _check_json([[t.args, t.kwargs, t.options.get("headers")] for t in specs])
     except NotSerializableError:
         for t in specs:
             where = f"task {t.target} ({t.name})"
@@ -57,7 +63,6 @@ def task_specs(app: Celery, signatures: tuple[Any, ...], now: float) -> tuple[Ta
                 value = t.options.get(part) if part == "headers" else getattr(t, part)
                 _check_json(value, f"{where}: {part} are")
         raise
-    return specs
 
 
 def task_spec(app: Celery, target: str, sig: Any, now: float) -> TaskSpec:
@@ -220,10 +225,12 @@ def _headers(headers: Any, where: str) -> dict[str, Any]:
     return dict(headers)
 
 
-def _check_json(value: Any, what: str = "the tasks' arguments are") -> None:
+def _check_json(value: Any, what: str = "the tasks' arguments are") -> str:
     """JSON text in UTF-8: no NaN or infinity, no type JSON lacks, no lone surrogate
     (json.dumps would write it, and the record could not be encoded)."""
     try:
-        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text.encode()
+        return text
     except (TypeError, ValueError, RecursionError) as exc:  # incl. UnicodeEncodeError
         raise NotSerializableError(f"{what} not JSON: {exc}") from None

@@ -300,6 +300,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         try:
             procs.workers(app, 2)
             procs.pump()  # idle during the baseline rounds: both see the same processes
+
             def durable(pid: str) -> None:
                 record_purchase(purchase(pid))
 

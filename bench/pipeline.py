@@ -77,11 +77,16 @@ def relay_delay(n: int, tag: str) -> float:
 
 
 def relay_pump(app: Any, wal_dir: Path, n: int, tag: str) -> float:
-    from tasks.checkout import purchase_entry
+    from tasks.targets import TARGETS, TASK_NAMES
     from walrelay.brokers.kombu import KombuPublisher
     from walrelay.deadletters import DeadLetterStore
     from walrelay.pump import Pump, PumpConfig
+    from walrelay.record import Entry, TaskSpec
     from walstore import Options, SyncPolicy, Wal
+
+    def purchase_entry(doc: dict[str, Any]) -> Entry:  # the record relay.send writes
+        specs = (TaskSpec(str(i), TASK_NAMES[t], t, [doc]) for i, t in enumerate(TARGETS))
+        return Entry(key=doc["purchase_id"], tasks=tuple(specs))
 
     shutil.rmtree(wal_dir, ignore_errors=True)
     with Wal.open(wal_dir, Options(sync=SyncPolicy.NONE)) as wal:
@@ -169,10 +174,10 @@ def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict[str, Any]:
     """Every case against the redis-server at ``url``, in ``tmp``."""
     env = pipeline_env(url, tmp, {"WAL_SYNC": "always"})
     os.environ.update(env)  # this process's app and producer use the same settings
-    from tasks.app import create_app
-    from tasks.checkout import record_purchase, wal_for
+    from tasks.app import get_app
+    from tasks.checkout import record_purchase
 
-    app = create_app()
+    app = get_app()  # record_purchase's too
     # The baseline at its fastest: no task-sent events (they cost .delay() ~30%; the
     # pump sends none either). Workers send their task events in both cases.
     app.conf.task_send_sent_event = False
@@ -188,10 +193,9 @@ def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict[str, Any]:
     try:
         start_workers(procs, 2)
         roles.start_pump(procs)  # idle during the baseline rounds: both see the same processes
-        wal = wal_for(env["WAL_DIR"])
 
         def durable(pid: str) -> None:
-            record_purchase(purchase(pid), wal=wal)
+            record_purchase(purchase(pid))
 
         out["e2e"] = throughput(args, env, durable)
         if args.latency_workers > 2:

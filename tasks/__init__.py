@@ -1,3 +1,2 @@
-"""Celery side of the product: purchases in, the pump, the workers, the ledger.
-
-Imports walstore; walstore never imports this package."""
+"""The example application: purchases in (``checkout``, the web app), the warehouse and
+finance tasks, the ledger. Built only on walrelay's public API."""

@@ -1,20 +1,22 @@
 """The Celery app: every setting that matters for delivery, and why.
 
-``create_app`` reads the environment (through ``Settings.from_env``) when it is called,
-i.e. when ``celery -A worker`` imports ``worker.py``; nothing happens at import of this
-module.
+``get_app()`` creates it on first use, reading the environment (``Settings.from_env``):
+when ``celery -A worker`` imports ``worker.py``, or when a web worker or a script first
+records a purchase. Nothing happens at import of this module.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Celery
 
-from walrelay import Relay
+from walrelay import FsyncTimingFs, Relay
+from walstore import Options
 
-from .checkout import FINANCE_TASK, WAREHOUSE_TASK
 from .config import Settings
+from .targets import TASK_NAMES
 
 TASK_MODULES = ["tasks.warehouse", "tasks.finance"]
 
@@ -82,11 +84,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         # The pump learns outcomes from acks; there is no result backend to fill.
         "task_ignore_result": True,
-        "task_routes": {
-            WAREHOUSE_TASK: {"queue": "warehouse"},
-            FINANCE_TASK: {"queue": "finance"},
-        },
+        # Each target's task to the queue of its name (relay.send routes by these too).
+        "task_routes": {name: {"queue": target} for target, name in TASK_NAMES.items()},
     }
+
+
+def _timed_wal_options() -> Options:
+    """The log's options from the environment, with a file layer that times each
+    fdatasync for the ``wal_fsync_seconds`` histogram of /metrics (built when the log is
+    first opened: the histogram exists only in processes that append)."""
+    return Options.from_env(fs=FsyncTimingFs())
 
 
 def create_app(settings: Settings | None = None) -> PurchaseApp:
@@ -95,11 +102,24 @@ def create_app(settings: Settings | None = None) -> PurchaseApp:
     app = PurchaseApp("walpurchase", include=TASK_MODULES)
     app.purchase_settings = settings
     app.conf.update(celery_config(settings))
-    app.relay = Relay(app, settings=settings.relay)
+    app.relay = Relay(app, settings=settings.relay, wal_options=_timed_wal_options)
     from .ledger_cli import ledger  # imports this module: only once the app exists
 
     app.relay.add_command(ledger)
     return app
+
+
+_lock = threading.Lock()
+_app: PurchaseApp | None = None
+
+
+def get_app() -> PurchaseApp:
+    """This process's app, created from the environment on first use."""
+    global _app
+    with _lock:
+        if _app is None:
+            _app = create_app()
+        return _app
 
 
 def settings_of(app: Celery) -> Settings:

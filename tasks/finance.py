@@ -7,17 +7,15 @@ from typing import Any
 from celery import Task, shared_task
 
 from .app import settings_of
-from .checkout import FINANCE_TASK
 from .ledger import ledger_for
+from .targets import FINANCE, TASK_NAMES
 
-TARGET = "finance"
 
-
-@shared_task(bind=True, name=FINANCE_TASK)
+@shared_task(bind=True, name=TASK_NAMES[FINANCE])
 def record_revenue(self: Task[Any, Any], purchase: dict[str, Any]) -> None:
     detail = {
         "customer": purchase["customer"],
         "total_cents": purchase["total_cents"],
         "currency": purchase["currency"],
     }
-    ledger_for(settings_of(self.app).ledger_url).record(TARGET, purchase["purchase_id"], detail)
+    ledger_for(settings_of(self.app).ledger_url).record(FINANCE, purchase["purchase_id"], detail)

@@ -37,6 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
 from .config import Settings
+from .targets import TARGETS
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -111,9 +112,7 @@ class Ledger:
         with self.engine.connect() as conn:
             return {t: d for t, d in conn.execute(stmt)}
 
-    def snapshot(
-        self, targets: tuple[str, ...] = ("warehouse", "finance")
-    ) -> dict[str, dict[str, int]]:
+    def snapshot(self, targets: tuple[str, ...] = TARGETS) -> dict[str, dict[str, int]]:
         """{target: {purchase_id: deliveries}}; ``targets`` are present even when empty."""
         out: dict[str, dict[str, int]] = {t: {} for t in targets}
         stmt = select(effects.c.target, effects.c.purchase_id, effects.c.deliveries)
@@ -169,4 +168,4 @@ def status_of(purchase_id: str, url: str | None = None) -> dict[str, str]:
     """{"warehouse": "pending"|"done", "finance": ...} for one purchase, from ``url``
     (default ``LEDGER_URL``): what GET /purchases/{id} shows."""
     done = ledger_for(url or Settings.from_env().ledger_url).deliveries(purchase_id)
-    return {t: "done" if t in done else "pending" for t in ("warehouse", "finance")}
+    return {t: "done" if t in done else "pending" for t in TARGETS}

@@ -1,101 +1,55 @@
 """The example web app: ``uvicorn tasks.web:app --workers 4``.
 
-POST /purchases answers 201 only once the purchase is fsync'd into the write-ahead log;
-the broker is never touched here, so its state never changes an answer. Each worker
-process opens its own handle on the shared log on first use (``checkout.wal_for``).
+POST /purchases answers 201 only once the purchase is fsync'd into the write-ahead log
+(``relay.send``); the broker is never touched here, so its state never changes an answer.
+The purchase id is the idempotency key: the same purchase again answers the first 201,
+another purchase under that id 409. Each worker process opens its own handle on the
+shared log on first use.
 
-Configuration (read per request, never at import): ``WAL_DIR``, ``WAL_SYNC``,
-``WAL_SEGMENT_BYTES``, ``WAL_MAX_BYTES`` for the log, ``LEDGER_URL`` for GET, and
-``PROMETHEUS_MULTIPROC_DIR`` for metrics across workers (see ``walrelay.metrics``).
+Configuration (read on the first request, never at import): the example app's
+(``tasks.app.get_app``: ``WAL_DIR``, ``WAL_SYNC``, ``WAL_SEGMENT_BYTES``,
+``WAL_MAX_BYTES``, ...), ``LEDGER_URL`` for GET, and ``PROMETHEUS_MULTIPROC_DIR`` for
+metrics across workers (see walrelay's ``render_web_metrics``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from walrelay.metrics import CONTENT_TYPE_LATEST, FsyncTimingFs, render_web_metrics, web_metrics
-from walstore import LogFullError, LogPoisonedError, Options, RecordTooLargeError, Wal, WalError
+from walrelay import (
+    DuplicateKeyError,
+    LogFullError,
+    LogPoisonedError,
+    RecordTooLargeError,
+    Relay,
+    SendError,
+    WalError,
+    render_web_metrics,
+    web_metrics,
+)
 
-from . import checkout, web_schema
-from .checkout import InvalidPurchaseError
+from . import web_schema
+from .checkout import PurchaseReceipt, send_purchase
+from .purchase import ID_PATTERN, InvalidPurchaseError, validate
+from .targets import TARGETS
+from .web_body import is_json, parse_body
 from .web_middleware import BodyLimit, RequestMetrics
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_S = 10.0  # to receive a whole body: a client trickling it in holds a worker
 RETRY_FULL_S = 5  # the pump prunes as acks arrive: space comes back soon
 RETRY_FAILED_S = 60  # a poisoned log needs an operator (stop every process, reopen)
 LedgerStatus = Callable[[str], Mapping[str, str]]
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_number(literal: str) -> int | float:
-    """JSON has one number type: ``2.0`` and ``2e0`` are the integer 2 (JSON Schema agrees,
-    and JavaScript clients cannot tell them apart), so they reach validate() as ints.
-    Exact (Decimal), and only within 2**53, where every client's doubles are exact too."""
-    value = float(literal)
-    if value.is_integer() and abs(value) <= 2**53:
-        exact = Decimal(literal)
-        if exact == exact.to_integral_value():
-            return int(exact)
-    return value
-
-
-def parse_body(raw: bytes) -> Any:
-    """The JSON document in ``raw``, or InvalidPurchaseError("body", ...)."""
-    try:
-        doc = json.loads(raw, parse_constant=_reject_constant, parse_float=_json_number)
-    except RecursionError:
-        raise InvalidPurchaseError("body", "JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise InvalidPurchaseError("body", f"not valid JSON: {exc}") from None
-    bad = _lone_surrogate_at(doc)
-    if bad is not None:
-        # Such strings cannot be encoded as UTF-8: the log's entry could not hold them.
-        raise InvalidPurchaseError(bad, "string holds an unpaired UTF-16 surrogate")
-    return doc
-
-
-def _lone_surrogate_at(doc: Any) -> str | None:
-    """Path of the first string or key that is not valid Unicode text, else None.
-
-    Iterative: the document may be nested as deep as the JSON parser allows."""
-    todo: list[tuple[str, Any]] = [("", doc)]
-    while todo:
-        path, value = todo.pop()
-        if isinstance(value, str) and not _encodable(value):
-            return path or "body"
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not _encodable(key):
-                    shown = key.encode("utf-8", "backslashreplace").decode()
-                    return f"{path}.{shown}" if path else shown
-                todo.append((f"{path}.{key}" if path else key, item))
-        elif isinstance(value, list):
-            todo.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
-    return None
-
-
-def _encodable(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _problem(
@@ -112,13 +66,10 @@ def _wal_unavailable(exc: BaseException) -> JSONResponse:
     return _problem(503, f"the write-ahead log is unavailable: {exc}", retry=RETRY_FAILED_S)
 
 
-def _is_json(content_type: str | None) -> bool:
-    """No Content-Type, or a JSON one. Form and text types are refused: they are what a
-    cross-site form may post without a CORS preflight."""
-    if not content_type:
-        return True
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
+def _default_relay() -> Relay:
+    from .app import get_app  # the Celery app and its settings: only on the first request
+
+    return get_app().relay
 
 
 def _default_ledger_status(purchase_id: str) -> Mapping[str, str]:
@@ -129,17 +80,18 @@ def _default_ledger_status(purchase_id: str) -> Mapping[str, str]:
 
 def create_app(
     *,
-    wal_dir: str | None = None,
-    wal: Callable[[], Wal] | None = None,
+    relay: Callable[[], Relay] | None = None,
     ledger_status: LedgerStatus | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The ASGI app. Opens nothing and reads no environment until a request comes.
 
-    ``wal`` returns the log to append to (default: this process's handle on ``wal_dir``,
-    or on ``WAL_DIR``); ``ledger_status`` maps a purchase id to {target: "pending"|"done"}
-    (default: ``tasks.ledger.status_of``)."""
-    get_wal = wal or _timed_wal(wal_dir)
+    ``relay`` returns the relay to send with (default: the example app's, created on
+    first use from the environment); ``ledger_status`` maps a purchase id to {target:
+    "pending"|"done"} (default: ``tasks.ledger.status_of``). A body not received within
+    ``body_timeout`` seconds is answered 408 and its connection closed."""
+    get_relay = relay or _default_relay
     get_status = ledger_status or _default_ledger_status
     app = FastAPI(
         title="walpurchase",
@@ -147,30 +99,13 @@ def create_app(
         description="Purchases are committed once fsync'd into a write-ahead log; "
         "a pump then delivers them to the warehouse and finance workers.",
     )
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout=body_timeout)
     app.add_middleware(RequestMetrics, router=app.router)  # outermost: counts 413s too
-    _add_purchase_routes(app, get_wal, get_status)
-    _add_ops_routes(app, get_wal)
+    _add_purchase_routes(app, get_relay, get_status)
+    _add_ops_routes(app, get_relay)
     app.add_exception_handler(RequestValidationError, _validation_problem)
     web_schema.install_openapi(app)
     return app
-
-
-def _timed_wal(wal_dir: str | None) -> Callable[[], Wal]:
-    """This process's handle on the log (``checkout.wal_for``), opened with a file layer
-    that times each fdatasync for the ``wal_fsync_seconds`` histogram of /metrics.
-
-    The options are built on the first request, not here: the histogram must not exist
-    before the log is used (``app`` is created at import), and ``wal_for`` only reads
-    them when it opens the log anyway."""
-    options: list[Options] = []
-
-    def get() -> Wal:
-        if not options:
-            options.append(Options.from_env(fs=FsyncTimingFs()))
-        return checkout.wal_for(wal_dir, options[0])
-
-    return get
 
 
 async def _validation_problem(request: Request, exc: Exception) -> JSONResponse:
@@ -184,12 +119,12 @@ async def _validation_problem(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _add_purchase_routes(
-    app: FastAPI, get_wal: Callable[[], Wal], get_status: LedgerStatus
+    app: FastAPI, get_relay: Callable[[], Relay], get_status: LedgerStatus
 ) -> None:
-    def append(clean: dict[str, Any]) -> checkout.Receipt:
-        wal = get_wal()
+    def send(clean: dict[str, Any]) -> PurchaseReceipt:
+        relay = get_relay()
         with web_metrics().append_seconds.time():
-            return checkout.record_purchase(clean, wal=wal)
+            return send_purchase(clean, relay)
 
     @app.post(
         "/purchases",
@@ -199,14 +134,19 @@ def _add_purchase_routes(
     )
     async def create_purchase(request: Request) -> JSONResponse:
         """Record a purchase durably. 201 means it is in the log and will be delivered."""
-        if not _is_json(request.headers.get("content-type")):
-            return _problem(415, "send the purchase as application/json", "body")
+        if not is_json(request.headers.get("content-type")):
+            return _problem(415, "send the purchase as application/json (UTF-8)", "body")
         try:
             # Validate in the event loop (cheap); only valid purchases touch the log.
-            clean = checkout.validate(parse_body(await request.body()))
-            receipt = await run_in_threadpool(append, clean)
+            clean = validate(parse_body(await request.body()))
+            receipt = await run_in_threadpool(send, clean)
         except InvalidPurchaseError as exc:
             return _problem(422, str(exc), exc.field)
+        except DuplicateKeyError:
+            detail = "purchase_id: another purchase was recorded under this id"
+            return _problem(409, detail, "purchase_id")
+        except SendError as exc:  # validate() lets nothing through that send refuses
+            return _problem(422, f"body: {exc}", "body")
         except RecordTooLargeError as exc:
             return _problem(413, str(exc), "body")
         except (WalError, OSError) as exc:
@@ -219,7 +159,7 @@ def _add_purchase_routes(
 
     @app.get("/purchases/{purchase_id}", responses=web_schema.GET_RESPONSES)
     async def get_purchase(
-        purchase_id: Annotated[str, Path(pattern=web_schema.ID_PATTERN, max_length=64)],
+        purchase_id: Annotated[str, Path(pattern=ID_PATTERN, max_length=64)],
     ) -> JSONResponse:
         """Whether the warehouse and finance have recorded the purchase yet."""
         try:
@@ -227,14 +167,14 @@ def _add_purchase_routes(
         except Exception as exc:  # the ledger is another system: report, do not crash
             log.warning("ledger lookup of %s failed", purchase_id, exc_info=True)
             return _problem(503, f"the ledger cannot be read: {exc}", retry=RETRY_FULL_S)
-        states = {t: "done" if status.get(t) == "done" else "pending" for t in _TARGETS}
+        states = {t: "done" if status.get(t) == "done" else "pending" for t in TARGETS}
         return JSONResponse({"purchase_id": purchase_id, **states})
 
 
-_TARGETS = ("warehouse", "finance")
+def _add_ops_routes(app: FastAPI, get_relay: Callable[[], Relay]) -> None:
+    def get_wal() -> Any:
+        return get_relay().wal()
 
-
-def _add_ops_routes(app: FastAPI, get_wal: Callable[[], Wal]) -> None:
     def health() -> tuple[int, dict[str, Any]]:
         try:
             wal = get_wal()

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware of the web app: a request body cap and request counting.
+"""Pure ASGI middleware of the web app: a request body cap and deadline, and request
+counting.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so the body is never read twice and
 exceptions reach Starlette's error handling unchanged."""
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 import json
 
+import anyio
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from walrelay.metrics import web_metrics
+from walrelay import web_metrics
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -37,7 +39,10 @@ async def send_json(
 
 
 class BodyLimit:
-    """Answers 413 to any request whose body is over ``limit`` bytes, before the app runs.
+    """Answers 413 to any request whose body is over ``limit`` bytes, and 408 to one whose
+    body has not fully arrived within ``timeout`` seconds (a client trickling a body in
+    would otherwise hold the connection and a worker slot for as long as it likes), before
+    the app runs.
 
     Checks Content-Length first, then counts what arrives, so chunked bodies and bodies
     without a Content-Length are capped too. The (small) body is buffered and handed to
@@ -48,36 +53,49 @@ class BodyLimit:
     # discard the 413 before the client reads it). Past it, answer and close at once.
     DRAIN_BYTES = 1024 * 1024
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 10.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        body: bytes | None = None
+        with anyio.move_on_after(self.timeout) as deadline:
+            body = await self._read(scope, receive, send)
+        if deadline.cancelled_caught:
+            detail = {"detail": f"request body not received within {self.timeout:g} s",
+                      "field": "body"}  # fmt: skip
+            await send_json(send, 408, detail, [(b"connection", b"close")])
+            return
+        if body is None:
+            return  # answered (413), or the client went away
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         declared = _declared_length(scope)
         if declared is not None and declared > self.limit:
             drained = declared <= self.limit + self.DRAIN_BYTES and await self._drain(receive, 0)
             await self._too_large(send, drained)
-            return
+            return None
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return  # the client went away: nobody to answer
+                return None  # the client went away: nobody to answer
             chunk = message.get("body", b"")
             more = bool(message.get("more_body", False))
             size += len(chunk)
             if size > self.limit:
                 drained = not more or await self._drain(receive, size)
                 await self._too_large(send, drained)
-                return
+                return None
             chunks.append(chunk)
             if not more:
-                break
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
+                return b"".join(chunks)
 
     async def _drain(self, receive: Receive, size: int) -> bool:
         """Drop the rest of the body; True if it ended within DRAIN_BYTES."""

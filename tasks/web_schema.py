@@ -1,9 +1,7 @@
 """OpenAPI description of the web app's bodies.
 
-These models only document: requests are checked by ``tasks.checkout.validate`` (the one
-source of truth, shared with apps that are not ours), and the models mirror its rules
-so that schema-driven clients and fuzzers generate what it accepts. The patterns come
-from checkout itself."""
+The purchase body is ``tasks.purchase.Purchase``, the model that also validates it: the
+schema says exactly what is accepted. The answers are described by the models below."""
 
 from __future__ import annotations
 
@@ -11,41 +9,10 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, create_model
 
-from . import checkout
-
-ID_PATTERN = f"^{checkout._ID.pattern}$"  # JSON Schema patterns search: anchor them
-# validate() rejects strings that are empty after str.strip(). JSON Schema patterns are
-# ECMA-262, whose \s is not Python's whitespace, so spell out str.isspace() (a test checks).
-PY_WHITESPACE = (
-    r"\t\n\u000b\u000c\r\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a"
-    r"\u2028\u2029\u202f\u205f\u3000"
-)
-NON_BLANK = f"[^{PY_WHITESPACE}]"
-
-
-class ItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="Item")
-
-    sku: str = Field(min_length=1, max_length=64, pattern=NON_BLANK)
-    qty: int = Field(ge=1, le=1_000_000)
-
-
-class PurchaseIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="Purchase")
-
-    purchase_id: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=64,
-        pattern=ID_PATTERN,
-        description="Idempotency key of the purchase; generated when absent.",
-    )
-    customer: str = Field(min_length=1, max_length=200, pattern=NON_BLANK)
-    items: list[ItemIn] = Field(min_length=1, max_length=checkout.MAX_ITEMS)
-    total_cents: int = Field(ge=0)
-    currency: str = Field(pattern=f"^{checkout._CURRENCY.pattern}$", description="ISO 4217 code.")
+from .purchase import Purchase
+from .targets import TARGETS
 
 
 class Receipt(BaseModel):
@@ -53,10 +20,8 @@ class Receipt(BaseModel):
     lsn: int = Field(description="Position of the purchase in the write-ahead log.")
 
 
-class PurchaseState(BaseModel):
-    purchase_id: str
-    warehouse: Literal["pending", "done"]
-    finance: Literal["pending", "done"]
+_STATES: dict[str, Any] = {t: (Literal["pending", "done"], ...) for t in TARGETS}
+PurchaseState: type[BaseModel] = create_model("PurchaseState", purchase_id=(str, ...), **_STATES)
 
 
 class Problem(BaseModel):
@@ -80,9 +45,15 @@ def _problem(description: str, retry: bool = False) -> dict[str, Any]:
 
 
 POST_RESPONSES: dict[int | str, dict[str, Any]] = {
-    201: {"model": Receipt, "description": "Durable: the purchase is in the log."},
+    201: {
+        "model": Receipt,
+        "description": "Durable: the purchase is in the log (again: the "
+        "first answer, nothing appended).",
+    },
+    408: _problem("Body not received in time; nothing appended."),
+    409: _problem("Another purchase was recorded under this purchase_id; nothing appended."),
     413: _problem("Body over the size limit; nothing appended."),
-    415: _problem("Body is not JSON; nothing appended."),
+    415: _problem("Body is not application/json; nothing appended."),
     422: _problem("Invalid purchase; `field` names it; nothing appended."),
     503: _problem("The log is full or failed; nothing appended. Retry later.", retry=True),
 }
@@ -115,7 +86,7 @@ def install_openapi(app: FastAPI) -> None:
                 routes=app.routes,
             )
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            body = PurchaseIn.model_json_schema(ref_template="#/components/schemas/{model}")
+            body = Purchase.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(body.pop("$defs", {}))
             schemas["Purchase"] = body
             app.openapi_schema = schema

@@ -10,15 +10,26 @@ class RelayError(Exception):
     """Base of every walrelay error."""
 
 
-class UnsupportedOptionError(RelayError, ValueError):
+class SendError(RelayError, ValueError):
+    """``send`` refused what it was given (no task, a key that is not a short string, ...).
+    Nothing was appended. The base of the errors below that say more."""
+
+
+class UnsupportedOptionError(SendError):
     """``send`` was given something it cannot carry durably (``link``, ``link_error``, a
     chain, a chord, a group, a caller-given ``task_id``, ...). Nothing was appended.
     Send the tasks separately, or chain them inside a task."""
 
 
-class UnknownTaskError(RelayError, ValueError):
+class UnknownTaskError(SendError):
     """``send`` was given a task the app does not register. Nothing was appended.
     Import the module that defines it (``include=`` or ``autodiscover_tasks``)."""
+
+
+class NotSerializableError(SendError):
+    """A task's args, kwargs or headers cannot be stored as JSON text: a type JSON does not
+    have (datetime, bytes, a set, an object), NaN or infinity, or a string with a lone
+    UTF-16 surrogate. Nothing was appended. Send plain JSON values (ISO strings for dates)."""
 
 
 class DuplicateKeyError(RelayError):

@@ -1,4 +1,7 @@
-"""``Relay``: binds walrelay to a user's Celery app.
+"""``Relay``: binds walrelay to a user's Celery app, and sends its tasks durably.
+
+``relay.send(*signatures, key=None, order_key=None)`` appends one record holding every
+task and returns once it is durable; it never touches the broker.
 
 ``Relay(app)`` installs the worker-side ack handlers for that app only, makes the
 worker use walrelay's consumer (unless the app chose its own), and is what
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -19,23 +24,40 @@ from celery.signals import celeryd_init
 from walstore import Options, Wal
 
 from . import acks
+from .errors import SendError
+from .keys import KeyIndex, close_index, digest, index_for, receipt_of
+from .receipt import Receipt
+from .record import Entry
 from .settings import RelaySettings
+from .signatures import arguments_json, task_specs
 
 CONSUMER = "walrelay.worker.consumer:Consumer"
 _ATTR = "_walrelay_relay"  # where an app keeps its relay
+MAX_KEY_CHARS = 256
 
 
 class Relay:
     """The durable sender of one Celery app (one per app; see ``Relay.of``)."""
 
     def __init__(
-        self, app: Celery, wal_dir: str | None = None, *, settings: RelaySettings | None = None
+        self,
+        app: Celery,
+        wal_dir: str | None = None,
+        *,
+        settings: RelaySettings | None = None,
+        wal_options: Options | Callable[[], Options] | None = None,
     ) -> None:
+        """``wal_dir``: default ``settings.wal_dir`` (``WAL_DIR``). ``settings``: default
+        ``RelaySettings.from_env()``, read on first use. ``wal_options``: the log's options,
+        or a function making them when the log is first opened (default
+        ``walstore.Options.from_env()``: ``WAL_SEGMENT_BYTES``, ``WAL_MAX_BYTES``, ...)."""
         self.app = app
         self._wal_dir = wal_dir
         self._settings = settings
+        self._wal_options = wal_options
         self._lock = threading.Lock()
         self._wals: dict[int, Wal] = {}  # by pid: a handle is never used across a fork
+        self._indexes: dict[int, KeyIndex] = {}  # by pid, as the log
         self.commands: dict[str, click.Command] = {}
         setattr(app, _ATTR, self)
         acks.install(app)
@@ -66,15 +88,56 @@ class Relay:
         with self._lock:
             wal = self._wals.get(pid)
             if wal is None:
-                wal = self._wals[pid] = Wal.open(self.wal_dir, Options.from_env())
+                options = self._wal_options
+                if callable(options):
+                    options = options()
+                wal = self._wals[pid] = Wal.open(self.wal_dir, options or Options.from_env())
             return wal
 
     def close(self) -> None:
-        """Close this process's handle on the log (a later use opens it again)."""
+        """Close this process's handles on the log and on its key index (a later use
+        opens them again)."""
         with self._lock:
             wal = self._wals.pop(os.getpid(), None)
+            self._indexes.pop(os.getpid(), None)
         if wal is not None:
+            close_index(wal.directory)
             wal.close()
+
+    # ---------------------------------------------------------------- sending
+    def send(
+        self, *signatures: Any, key: str | None = None, order_key: str | None = None
+    ) -> Receipt:
+        """Append ONE record holding every task (``task.s(...)`` signatures): all or none
+        are committed; each is then published and confirmed on its own. Returns once the
+        record is durable; never touches the broker.
+
+        ``key``: idempotency key; a second send of it within ``idempotency_window`` with
+        the same tasks returns the first receipt and appends nothing, with other tasks
+        raises DuplicateKeyError. ``order_key``: records sharing it are published one at
+        a time, in LSN order. Raises SendError (UnsupportedOptionError, UnknownTaskError,
+        NotSerializableError) with nothing appended, or walstore's errors (LogFullError,
+        LogPoisonedError, RecordTooLargeError, ...) unchanged."""
+        _check_key("key", key)
+        _check_key("order_key", order_key)
+        now = time.time()
+        tasks = task_specs(self.app, signatures, now)
+        arguments = arguments_json(tasks)
+        entry = Entry(key, tasks, order_key=order_key, created=now)
+        payload = entry.encode()
+        wal = self.wal()
+        window = self.settings.idempotency_window
+        if key is None or window <= 0:
+            return receipt_of(wal.wal_id, wal.append(payload), entry)
+        index = self._indexes.get(os.getpid())
+        if index is None or index.closed:
+            index = self._index(wal)
+        return index.send_once(wal, entry, payload, digest(entry, arguments), window, now)
+
+    def _index(self, wal: Wal) -> KeyIndex:
+        with self._lock:
+            index = self._indexes[os.getpid()] = index_for(wal)
+            return index
 
     # ---------------------------------------------------------------- commands
     def add_command(self, command: click.Command) -> click.Command:
@@ -94,3 +157,14 @@ def _use_consumer(sender: Any = None, instance: Any = None, conf: Any = None, **
         return
     if not conf.value_set_for("worker_consumer"):
         conf.worker_consumer = CONSUMER
+
+
+def _check_key(name: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY_CHARS:
+        raise SendError(f"{name} must be a string of 1 to {MAX_KEY_CHARS} characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise SendError(f"{name} holds a lone UTF-16 surrogate: not text") from None

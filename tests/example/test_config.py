@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import checkout
-from tasks.app import celery_config
+from tasks.app import celery_config, create_app
 from tasks.config import Settings
 from walrelay import settings as walrelay_settings
 from walrelay.commands.pump import pump_config
@@ -71,8 +70,7 @@ def test_the_producers_default_log_is_the_relays(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WAL_DIR", raising=False)
     monkeypatch.setattr(walrelay_settings, "DEFAULT_WAL_DIR", "./moved/wal")
-    wal = checkout.wal_for()
-    try:
-        assert wal.directory == str(tmp_path / "moved" / "wal")
-    finally:
-        wal.close()
+    from walrelay import Relay
+
+    relay = Relay(create_app(Settings.from_env({})))
+    assert relay.wal_dir == str(tmp_path / "moved" / "wal")

@@ -1,6 +1,7 @@
-"""The web app against a real log in a temporary directory: 201 only once durable, 422
-naming the field with nothing appended, 413 over 64 KiB, 503 when the log cannot take
-it, the ledger view, /healthz and the OpenAPI schema."""
+"""The web app against a real log in a temporary directory: 201 only once durable, the
+same purchase again the first answer, another under its id 409, 422 naming the field
+with nothing appended, 413 over 64 KiB, 415 for anything but application/json, 503 when
+the log cannot take it, the ledger view, /healthz and the OpenAPI schema."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import unicodedata
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,18 +19,21 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks import checkout, web_schema
+import tasks.app
+from tasks import purchase as rules
 from tasks.ledger import ledger_for
+from tasks.targets import TARGETS
 from tasks.web import MAX_BODY_BYTES, create_app
+from tests.example.example_relay import SMALL, example_relay
 from tests.support.web_client import AppClient
+from walrelay import Relay
 from walrelay.record import decode
-from walstore import CorruptLogError, Options, Wal
+from walstore import CorruptLogError, Options, SyncPolicy, Wal
 from walstore.fs import OsFs
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[2]
 JSON = {"content-type": "application/json"}
-SMALL = 1 << 20  # segment size: a 64 MiB default would be pre-zeroed by every test
 
 
 def purchase(**changes: Any) -> dict[str, Any]:
@@ -56,10 +61,15 @@ class Ledger:
 
 
 @pytest.fixture
-def wal(tmp_path: Path) -> Iterator[Wal]:
-    log = Wal.open(tmp_path / "wal", Options(segment_bytes=SMALL))
-    yield log
-    log.close()
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    r = example_relay(tmp_path / "wal", sync=SyncPolicy.ALWAYS)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def wal(relay: Relay) -> Wal:
+    return relay.wal()
 
 
 @pytest.fixture
@@ -68,8 +78,8 @@ def ledger() -> Ledger:
 
 
 @pytest.fixture
-def client(wal: Wal, ledger: Ledger) -> Iterator[AppClient]:
-    c = AppClient(create_app(wal=lambda: wal, ledger_status=ledger.status_of))
+def client(relay: Relay, ledger: Ledger) -> Iterator[AppClient]:
+    c = AppClient(create_app(relay=lambda: relay, ledger_status=ledger.status_of))
     yield c
     c.close()
 
@@ -80,8 +90,9 @@ def post_raw(client: AppClient, body: bytes) -> httpx.Response:
 
 # ------------------------------------------------------------------ 201 and durability
 def test_created_purchase_is_durable_and_readable_after_reopen(
-    tmp_path: Path, wal: Wal, client: AppClient
+    tmp_path: Path, relay: Relay, client: AppClient
 ) -> None:
+    wal = relay.wal()
     r1 = client.post("/purchases", json=purchase(purchase_id="order-1"))
     r2 = client.post("/purchases", json=purchase())
     assert r1.status_code == 201, r1.text
@@ -98,7 +109,7 @@ def test_created_purchase_is_durable_and_readable_after_reopen(
     assert [lsn for lsn, _ in records] == [0, 1]
     entries = [decode(payload) for _, payload in records]
     assert [e.key for e in entries] == ["order-1", generated]
-    assert [t.target for t in entries[0].tasks] == ["warehouse", "finance"]
+    assert [t.queue for t in entries[0].tasks] == list(TARGETS)
     stored = entries[0].tasks[0].args[0]
     assert stored["currency"] == "EUR" and stored["items"] == [{"sku": "book-1", "qty": 2}]
 
@@ -171,19 +182,105 @@ def test_invalid_input_is_422_naming_the_field_and_appends_nothing(
     assert wal.next_lsn() == before
 
 
-def test_non_json_content_type_is_415_and_appends_nothing(wal: Wal, client: AppClient) -> None:
+@pytest.mark.parametrize(
+    "ctype",
+    [
+        # What a cross-site form can post without a preflight (and what curl -d sends).
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        # Accepted before: no Content-Type at all, other JSON types, another charset.
+        None,
+        "application/merge-patch+json",
+        "application/json; charset=utf-16",
+        "application/jsonx",
+    ],
+)
+def test_anything_but_application_json_is_415_and_appends_nothing(
+    wal: Wal, client: AppClient, ctype: str | None
+) -> None:
     body = json.dumps(purchase()).encode()
-    # What a cross-site form can post without a preflight (and what curl -d sends).
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
-        r = client.post("/purchases", content=body, headers={"content-type": ctype})
-        assert r.status_code == 415, ctype
-        assert r.json()["field"] == "body"
+    headers = {} if ctype is None else {"content-type": ctype}
+    r = client.post("/purchases", content=body, headers=headers)
+    assert r.status_code == 415, ctype
+    assert r.json()["field"] == "body"
     assert wal.next_lsn() == 0
-    # A JSON media type with parameters, or none at all, is parsed as JSON.
-    with_charset = {"content-type": "application/json; charset=utf-8"}
-    assert client.post("/purchases", content=body, headers=with_charset).status_code == 201
-    assert client.post("/purchases", content=body).status_code == 201
-    assert wal.next_lsn() == 2
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    ["application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"],
+)
+def test_application_json_is_accepted(wal: Wal, client: AppClient, ctype: str) -> None:
+    r = client.post(
+        "/purchases", content=json.dumps(purchase()).encode(), headers={"content-type": ctype}
+    )
+    assert r.status_code == 201, r.text
+
+
+# ------------------------------------------------------------------ refused since issue 11
+def control(char: str) -> dict[str, Any]:
+    return purchase(customer=f"Ada{char}Lovelace")
+
+
+REFUSED_BEFORE_ACCEPTED: list[tuple[str, bytes, str]] = [
+    ("duplicate key", b'{"customer": "Ada", "customer": "Eve", "items": [{"sku": "a", "qty": 1}],'
+     b' "total_cents": 1, "currency": "EUR"}', "customer"),
+    ("duplicate nested key", b'{"customer": "Ada", "items": [{"sku": "a", "qty": 1, "qty": 9}],'
+     b' "total_cents": 1, "currency": "EUR"}', "qty"),
+    ("total of 4000 digits", json.dumps(purchase(total_cents=10**3999)).encode(), "total_cents"),
+    ("total past 2**53", json.dumps(purchase(total_cents=2**53 + 2)).encode(), "total_cents"),
+    ("UTF-16 body", json.dumps(purchase()).encode("utf-16"), "body"),
+    ("UTF-16-LE body", json.dumps(purchase()).encode("utf-16-le"), "body"),
+    ("UTF-8 BOM", b"\xef\xbb\xbf" + json.dumps(purchase()).encode(), "body"),
+    ("currency not ISO 4217", json.dumps(purchase(currency="ABC")).encode(), "currency"),
+    ("currency test code", json.dumps(purchase(currency="XTS")).encode(), "currency"),
+    ("currency gold", json.dumps(purchase(currency="XAU")).encode(), "currency"),
+    ("NUL in customer", json.dumps(control("\x00")).encode(), "customer"),
+    ("ESC in customer", json.dumps(control("\x1b[2J")).encode(), "customer"),
+    ("DEL in customer", json.dumps(control("\x7f")).encode(), "customer"),
+    ("C1 control in customer", json.dumps(control("\x85")).encode(), "customer"),
+    ("newline in sku", json.dumps(purchase(items=[{"sku": "a\nb", "qty": 1}])).encode(),
+     "items[0].sku"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "field"), [pytest.param(b, f, id=n) for n, b, f in REFUSED_BEFORE_ACCEPTED]
+)
+def test_inputs_accepted_before_are_422_naming_the_field(
+    wal: Wal, client: AppClient, body: bytes, field: str
+) -> None:
+    r = post_raw(client, body)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field
+    assert field in r.json()["detail"]
+    assert wal.next_lsn() == 0
+
+
+def test_the_largest_exact_total_and_any_iso_currency_are_accepted(
+    wal: Wal, client: AppClient
+) -> None:
+    r = client.post("/purchases", json=purchase(total_cents=2**53 - 1, currency="chf"))
+    assert r.status_code == 201, r.text
+    (_, payload), *_ = wal.iter_from(r.json()["lsn"])
+    stored = decode(payload).tasks[0].args[0]
+    assert (stored["total_cents"], stored["currency"]) == (2**53 - 1, "CHF")
+
+
+# ------------------------------------------------------------------ idempotent POST
+def test_the_same_purchase_again_is_the_first_answer_and_another_is_409(
+    wal: Wal, client: AppClient
+) -> None:
+    first = client.post("/purchases", json=purchase(purchase_id="order-7"))
+    # The same purchase, written differently (key order, case of the currency): same.
+    again = post_raw(client, json.dumps({**purchase(currency="EUR"), "purchase_id": "order-7"},
+                                        sort_keys=True).encode())  # fmt: skip
+    other = client.post("/purchases", json=purchase(purchase_id="order-7", total_cents=1))
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() == {"purchase_id": "order-7", "lsn": 0}
+    assert other.status_code == 409 and other.json()["field"] == "purchase_id"
+    assert wal.next_lsn() == 1
 
 
 # ------------------------------------------------------------------ 413 over 64 KiB
@@ -235,12 +332,10 @@ def test_declared_length_over_the_limit_is_413_whatever_arrives(client: AppClien
 # ------------------------------------------------------------------ 503 + Retry-After
 def test_full_log_is_503_with_retry_after_and_appends_nothing(tmp_path: Path) -> None:
     seg = 8192
-    with Wal.open(tmp_path / "small", Options(segment_bytes=seg, max_bytes=2 * seg)) as small:
-        client = AppClient(create_app(wal=lambda: small))
-        try:
-            statuses = [client.post("/purchases", json=purchase()) for _ in range(80)]
-        finally:
-            client.close()
+    small = example_relay(tmp_path / "small", segment_bytes=seg, max_bytes=2 * seg)
+    client = AppClient(create_app(relay=lambda: small))
+    try:
+        statuses = [client.post("/purchases", json=purchase()) for _ in range(80)]
         codes = [r.status_code for r in statuses]
         first_full = codes.index(503)
         assert first_full > 5 and set(codes[:first_full]) == {201}
@@ -248,7 +343,10 @@ def test_full_log_is_503_with_retry_after_and_appends_nothing(tmp_path: Path) ->
         full = statuses[first_full]
         assert int(full.headers["retry-after"]) > 0
         assert "WAL_MAX_BYTES" in full.json()["detail"]
-        assert small.next_lsn() == first_full  # the refused ones left no trace
+        assert small.wal().next_lsn() == first_full  # the refused ones left no trace
+    finally:
+        client.close()
+        small.close()
 
 
 class FailingFsyncFs(OsFs):
@@ -264,8 +362,8 @@ class FailingFsyncFs(OsFs):
 
 def test_poisoned_log_is_503_with_retry_after(tmp_path: Path) -> None:
     fs = FailingFsyncFs()
-    log = Wal.open(tmp_path / "wal", Options(segment_bytes=SMALL, fs=fs))
-    client = AppClient(create_app(wal=lambda: log))
+    relay = example_relay(tmp_path / "wal", sync=SyncPolicy.ALWAYS, fs=fs)
+    client = AppClient(create_app(relay=lambda: relay))
     try:
         assert client.post("/purchases", json=purchase()).status_code == 201
         fs.broken = True
@@ -275,7 +373,7 @@ def test_poisoned_log_is_503_with_retry_after(tmp_path: Path) -> None:
         health = client.get("/healthz")
     finally:
         client.close()
-        log._abandon()
+        relay.close()
     for r in (first, second):
         assert r.status_code == 503, r.text
         assert int(r.headers["retry-after"]) > 0
@@ -284,10 +382,10 @@ def test_poisoned_log_is_503_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_a_log_that_cannot_be_opened_is_503(tmp_path: Path) -> None:
-    def broken() -> Wal:
+    def broken() -> Relay:
         raise CorruptLogError("00000000000000000000", 64, "record failed verification")
 
-    client = AppClient(create_app(wal=broken))
+    client = AppClient(create_app(relay=broken))
     try:
         r = client.post("/purchases", json=purchase())
         health = client.get("/healthz")
@@ -328,13 +426,13 @@ def test_get_purchase_rejects_bad_ids_and_reports_ledger_outage(
 
 
 def test_get_purchase_reads_the_real_ledger(
-    tmp_path: Path, wal: Wal, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     monkeypatch.setenv("LEDGER_URL", url)  # read by tasks.ledger at the first GET
     book = ledger_for(url)
     book.record("finance", "p-2", {"total_cents": 1})
-    client = AppClient(create_app(wal=lambda: wal))  # default ledger_status
+    client = AppClient(create_app(relay=lambda: relay))  # default ledger_status
     try:
         r = client.get("/purchases/p-2")
     finally:
@@ -383,31 +481,37 @@ def test_import_opens_nothing_reads_no_env_and_needs_no_broker(tmp_path: Path) -
     assert not wal_dir.exists()
 
 
-def test_default_wal_is_opened_lazily_from_wal_dir(
+def test_default_relay_is_the_example_apps_opened_lazily_from_wal_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WAL_SEGMENT_BYTES", str(SMALL))  # read when the log is opened
+    monkeypatch.setenv("WAL_DIR", str(tmp_path / "lazy"))  # read when the app is created
+    monkeypatch.setattr(tasks.app, "_app", None)  # this test's own app (restored after)
     wal_dir = tmp_path / "lazy"
-    app = create_app(wal_dir=str(wal_dir))
-    assert not wal_dir.exists()
+    app = create_app()
+    assert not wal_dir.exists() and tasks.app._app is None
     client = AppClient(app)
     try:
         r = client.post("/purchases", json=purchase(purchase_id="lazy-1"))
     finally:
         client.close()
     assert r.status_code == 201 and wal_dir.is_dir()
-    handle = checkout.wal_for(str(wal_dir))  # this process's cached handle
+    relay = tasks.app.get_app().relay  # this process's app, made by the first request
     try:
-        assert [decode(payload).key for _, payload in handle.iter_from(0)] == ["lazy-1"]
+        assert [decode(p).key for _, p in relay.wal().iter_from(0)] == ["lazy-1"]
     finally:
-        handle.close()
+        relay.close()
 
 
-def test_schema_whitespace_class_is_pythons() -> None:
-    """The documented "not blank" pattern must say exactly what validate()'s strip() does."""
-    pattern = re.compile(web_schema.NON_BLANK)
+def test_schema_text_pattern_is_pythons_whitespace_and_controls() -> None:
+    """The documented text pattern says exactly "no control character, not blank", as
+    str.isspace() and the Unicode category Cc say it, for every code point."""
+    pattern = re.compile(rules.TEXT_PATTERN)
     mismatched = [
-        hex(c) for c in range(sys.maxunicode + 1) if chr(c).isspace() != (not pattern.match(chr(c)))
+        hex(c)
+        for c in range(sys.maxunicode + 1)
+        if (pattern.match(chr(c)) is None)
+        != (chr(c).isspace() or unicodedata.category(chr(c)) == "Cc")
     ]
     assert mismatched == []
 

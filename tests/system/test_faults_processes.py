@@ -15,7 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tasks.app import create_app
 from tasks.checkout import record_purchase
+from tasks.config import Settings
+from tasks.targets import TARGETS
 from tests.support.faultkit import (
     WALSTORE,
     Pipeline,
@@ -29,8 +32,9 @@ from tests.support.faultkit import (
 from tests.support.stack import wait_until
 from tools.loadgen import purchase
 from tools.processes import children_of, kill_busy
+from walrelay import Relay
 from walrelay.record import parse_task_id
-from walstore import Options, Wal
+from walstore import Options
 
 pytestmark = [pytest.mark.faults]
 
@@ -58,15 +62,20 @@ def record_slow(pipe: Pipeline, purchase_id: str, when: str) -> tuple[str, int, 
     fault_app) and wait until one of them is sleeping: (target, pool pid, worker pid)."""
     doc = purchase(purchase_id, 0)
     doc["items"] = [{"sku": f"slow-{when}", "qty": 1}]
-    with Wal.open(pipe.stack.wal_dir, Options.from_env(pipe.stack.env())) as wal:
-        lsn = record_purchase(doc, wal=wal).lsn
+    env = pipe.stack.env()
+    settings = Settings.from_env(env)
+    relay = Relay(create_app(settings), settings=settings.relay, wal_options=Options.from_env(env))
+    try:
+        lsn = record_purchase(doc, relay=relay).lsn
+    finally:
+        relay.close()
 
     def marker() -> tuple[str, int, int] | None:
         for path in pipe.marks.glob(f"*-{lsn}-*.{when}"):
             parsed = parse_task_id(path.stem)
             pids = path.read_text().split()
             if parsed is not None and parsed[1] == lsn and len(pids) == 2:
-                return parsed[2], int(pids[0]), int(pids[1])
+                return TARGETS[int(parsed[2])], int(pids[0]), int(pids[1])
         return None
 
     found: tuple[str, int, int] = wait_until(f"a {when}-effect task running", marker, 60, 0.05)

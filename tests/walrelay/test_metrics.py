@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tasks.web import create_app
+from tests.example.example_relay import example_relay
 from tests.support.web_client import AppClient
 from walrelay.metrics import (
     PUMP_FIELDS,
@@ -204,8 +205,9 @@ def test_fsync_timing_fs_times_every_segment_fsync(tmp_path: Path) -> None:
     assert after == before + 3
 
 
-def test_web_metrics_count_requests_and_time_appends(wal: Wal) -> None:
-    client = AppClient(create_app(wal=lambda: wal))
+def test_web_metrics_count_requests_and_time_appends(tmp_path: Path) -> None:
+    relay = example_relay(tmp_path / "web")
+    client = AppClient(create_app(relay=lambda: relay))
     try:
         before = client.get("/metrics").text
         good = {
@@ -221,6 +223,7 @@ def test_web_metrics_count_requests_and_time_appends(wal: Wal) -> None:
         after = client.get("/metrics")
     finally:
         client.close()
+        relay.close()
     assert after.headers["content-type"].startswith("text/plain")
 
     def delta(name: str, **labels: str) -> float:

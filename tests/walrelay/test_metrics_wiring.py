@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks import checkout
+import tasks.app
 from tasks.web import create_app
 from tests.support.stack import Stack, free_port, wait_until
 from tests.support.web_client import AppClient
@@ -110,8 +110,9 @@ def test_the_web_apps_metrics_time_the_fsyncs_of_its_log(
     the fsync-timing file layer, so /metrics has the fdatasync latency histogram."""
     monkeypatch.setenv("WAL_SYNC", "always")
     monkeypatch.setenv("WAL_SEGMENT_BYTES", "16384")
-    wal_dir = tmp_path / "wal"
-    client = AppClient(create_app(wal_dir=str(wal_dir)))
+    monkeypatch.setenv("WAL_DIR", str(tmp_path / "wal"))
+    monkeypatch.setattr(tasks.app, "_app", None)  # this test's own app (restored after)
+    client = AppClient(create_app())
     purchase = {"customer": "Ada", "items": [{"sku": "s", "qty": 1}], "total_cents": 100,
                 "currency": "EUR"}  # fmt: skip
     try:
@@ -121,7 +122,7 @@ def test_the_web_apps_metrics_time_the_fsyncs_of_its_log(
         after = unlabelled(client.get("/metrics").text)
     finally:
         client.close()
-        checkout.wal_for(str(wal_dir)).close()  # this process's cached handle
+        tasks.app.get_app().relay.close()  # this process's handles
     # One thread appending: every append is its own flush (group commit has no one to
     # share it with), each timed. More would be fine; none would mean no timing at all.
     assert after["wal_fsync_seconds_count"] - before.get("wal_fsync_seconds_count", 0) >= 3

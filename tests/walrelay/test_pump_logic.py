@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tasks.checkout import purchase_entry, validate
+from tasks.checkout import validate
 from walrelay.broker import Ack, TaskMessage
 from walrelay.brokers.stub import MemoryPublisher
 from walrelay.deadletters import DeadLetterStore
@@ -18,6 +18,14 @@ from walrelay.record import Entry, TaskSpec, decode, parse_task_id, task_id
 from walstore import Options, SyncPolicy, Wal
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def purchase_entry(purchase: dict[str, Any]) -> Entry:
+    """A purchase's record with named targets (relay.send numbers them "0", "1")."""
+    return Entry(key=purchase["purchase_id"], tasks=(
+        TaskSpec("warehouse", "tasks.warehouse.reserve_stock", "warehouse", [purchase]),
+        TaskSpec("finance", "tasks.finance.record_revenue", "finance", [purchase]),
+    ))  # fmt: skip
 
 
 class Clock:

@@ -1,0 +1,331 @@
+"""The idempotency index of ``relay.send(..., key=K)``: ``keys.sqlite3`` in WAL_DIR.
+
+A row maps K to the digest of the tasks first sent with it, their LSN, task ids and
+send time; a second send of K within the window returns that receipt (same digest) or
+raises DuplicateKeyError (another digest). Sends without a key never come here.
+
+Concurrency: a keyed send holds its key's *stripe* (one of ``STRIPES``: a thread lock
+plus an fcntl byte-range lock on ``keys.lock``) across look-up, append and insert, so
+two senders of one key (threads or processes) take turns and append once, while sends
+of different keys rarely share a stripe and still meet in the log's group commit.
+SQLite writes are serialised by one more byte-range lock, so SQLite itself never sees
+a busy database (its busy handler sleeps in milliseconds).
+
+Crashes. The WAL record holds its key and is the truth; the index is a cache of it:
+
+- A sender killed between its append and its insert: before appending it writes into
+  its stripe's slot in ``keys.lock`` the LSN it starts at and the hash of K, and clears
+  it after the insert. Whoever next holds that stripe (or opens the index) finds the
+  slot set, makes the log durable, scans from that LSN for records of K and indexes
+  them. No window is left open.
+- Power loss: rows are inserted only after their record is durable, so the index
+  never claims a key whose record was lost. SQLite runs with synchronous=NORMAL (no
+  fsync per send), so the last rows may be lost: the first process to open the index
+  after a reboot (a new Linux ``boot_id``) indexes every keyed record still in the log.
+  Residual window: a key whose row was lost *and* whose record the pump had already
+  pruned (its whole segment confirmed) in the seconds before the power cut can be sent
+  again. Elsewhere than Linux there is no boot id and no such rebuild.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from walstore import LogFullError, RecordTooLargeError, Wal
+
+from .errors import BadRecordError, DuplicateKeyError, NotSerializableError
+from .receipt import Receipt
+from .record import Entry, decode, task_id
+from .signatures import arguments_json
+
+DB_NAME = "keys.sqlite3"
+LOCK_NAME = "keys.lock"
+STRIPES = 1024
+_SLOT = struct.Struct("<Q32sQ")  # scan-from LSN + 1 (0: clear), sha256(key), pid
+_WRITER = STRIPES * _SLOT.size  # the byte locked around SQLite writes
+PURGE_INTERVAL = 60.0  # seconds between two purges of expired keys by one process
+BUSY_TIMEOUT_S = 30.0
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_NOTHING_APPENDED = (LogFullError, RecordTooLargeError)
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, digest TEXT NOT NULL,"
+    " lsn INTEGER NOT NULL, task_ids TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS keys_created ON keys (created)",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
+
+_UPSERT_NEWER = (
+    "INSERT INTO keys VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+    " digest = excluded.digest, lsn = excluded.lsn, task_ids = excluded.task_ids,"
+    " created = excluded.created WHERE excluded.created > keys.created"
+)
+
+
+def digest(entry: Entry, arguments: str | None = None) -> str:
+    """What "the same tasks" means: names, routes, arguments, priority, headers and the
+    order key. Not eta or expires: a retried send's countdown counts from its own time.
+    ``arguments``: ``arguments_json(entry.tasks)`` if the caller has it already."""
+    if arguments is None:
+        arguments = arguments_json(entry.tasks)
+    routes = [
+        [t.name, t.queue, t.options.get("exchange"), t.options.get("routing_key"),
+         t.options.get("priority")]
+        for t in entry.tasks
+    ]  # fmt: skip
+    doc = json.dumps([entry.order_key, routes], separators=(",", ":")) + arguments
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def receipt_of(wal_id: str, lsn: int, entry: Entry) -> Receipt:
+    ident = entry.identity(lsn)
+    return Receipt(ident, entry.key, tuple(task_id(wal_id, ident, t.target) for t in entry.tasks))
+
+
+def boot_id() -> str:
+    try:
+        with open(_BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class KeyIndex:
+    """This process's handle on the index of one WAL directory (see ``index_for``)."""
+
+    def __init__(self, directory: str, wal: Wal) -> None:
+        self.directory = directory
+        self.closed = False
+        self._threads = [threading.Lock() for _ in range(STRIPES)]
+        self._db_lock = threading.Lock()
+        self._next_purge = 0.0
+        lock_path = os.path.join(directory, LOCK_NAME)
+        self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        db_path = os.path.join(directory, DB_NAME)
+        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._db = sqlite3.connect(
+            db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        with self._db_lock, self._writer():
+            self._db.execute("PRAGMA journal_mode=WAL")  # not within a transaction
+        with self._writing():
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._recover(wal)
+
+    # ---------------------------------------------------------------- the send path
+    def send_once(
+        self, wal: Wal, entry: Entry, payload: bytes, wanted: str, window: float, now: float
+    ) -> Receipt:
+        """Append ``payload`` (the record of ``entry``, keyed, of digest ``wanted``) unless
+        its key is live."""
+        key = entry.key
+        assert key is not None
+        stripe = zlib.crc32(key.encode()) % STRIPES
+        with self._stripe(stripe):
+            self._resolve(stripe, wal, window)
+            found = self._lookup(key, now - window)
+            if found is not None:
+                first_digest, receipt = found
+                if first_digest != wanted:
+                    raise DuplicateKeyError(
+                        f"key {key!r} was sent at LSN {receipt.lsn} with other tasks within "
+                        f"the idempotency window ({window:g} s); use a new key for new work"
+                    )
+                return receipt
+            self._mark(stripe, key, wal.next_lsn())
+            try:
+                lsn = wal.append(payload)
+            except _NOTHING_APPENDED:
+                self._clear(stripe)
+                raise
+            receipt = receipt_of(wal.wal_id, lsn, entry)
+            self._insert(key, wanted, receipt, now)
+            self._clear(stripe)
+        if now >= self._next_purge:
+            self._purge(now - window)
+            self._next_purge = now + PURGE_INTERVAL
+        return receipt
+
+    def _lookup(self, key: str, oldest: float) -> tuple[str, Receipt] | None:
+        with self._db_lock:
+            row = self._db.execute(
+                "SELECT digest, lsn, task_ids, created FROM keys WHERE key = ?", (key,)
+            ).fetchone()
+        if row is None or row[3] <= oldest:
+            return None
+        return str(row[0]), Receipt(int(row[1]), key, tuple(json.loads(row[2])))
+
+    def _insert(self, key: str, wanted: str, receipt: Receipt, created: float) -> None:
+        row = (key, wanted, receipt.lsn, json.dumps(receipt.task_ids), created)
+        with self._db_lock, self._writer():  # one statement: its own transaction
+            self._db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?)", row)
+
+    def _purge(self, oldest: float) -> None:
+        with self._db_lock, self._writer():
+            self._db.execute("DELETE FROM keys WHERE created <= ?", (oldest,))
+
+    # ---------------------------------------------------------------- locks and slots
+    @contextlib.contextmanager
+    def _stripe(self, stripe: int) -> Iterator[None]:
+        offset = stripe * _SLOT.size
+        with self._threads[stripe]:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, offset)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _WRITER)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _WRITER)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One SQLite write transaction at a time across processes (and threads)."""
+        with self._db_lock, self._writer():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _mark(self, stripe: int, key: str, scan_from: int) -> None:
+        slot = _SLOT.pack(scan_from + 1, _hash(key), os.getpid())
+        os.pwrite(self._fd, slot, stripe * _SLOT.size)
+
+    def _clear(self, stripe: int) -> None:
+        os.pwrite(self._fd, bytes(_SLOT.size), stripe * _SLOT.size)
+
+    def _slot(self, stripe: int) -> tuple[int, bytes] | None:
+        raw = os.pread(self._fd, _SLOT.size, stripe * _SLOT.size)
+        if len(raw) < _SLOT.size or not any(raw):
+            return None
+        start, key_hash, _pid = _SLOT.unpack(raw)
+        return start - 1, key_hash
+
+    # ---------------------------------------------------------------- recovery
+    def _resolve(self, stripe: int, wal: Wal, window: float | None) -> None:
+        """Index what a sender that died holding this stripe may have appended."""
+        slot = self._slot(stripe)
+        if slot is None:
+            return
+        scan_from, key_hash = slot
+        self._index_log(wal, scan_from, window, key_hash)
+        self._clear(stripe)
+
+    def _recover(self, wal: Wal) -> None:
+        """At open: after a reboot (or on a new index) index every keyed record still in
+        the log; else resolve the slots of senders that died."""
+        booted = boot_id()
+        if self._meta("boot_id") != booted:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)  # every stripe: no send runs
+            try:
+                if self._meta("boot_id") != booted:
+                    self._index_log(wal, 0, None, None)
+                    os.pwrite(self._fd, bytes(_WRITER), 0)
+                    with self._writing():
+                        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)",
+                                         (booted,))  # fmt: skip
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, _WRITER, 0)
+        raw = os.pread(self._fd, _WRITER, 0)
+        for stripe in range(STRIPES):
+            if any(raw[stripe * _SLOT.size : (stripe + 1) * _SLOT.size]):
+                with self._stripe(stripe):
+                    self._resolve(stripe, wal, None)
+
+    def _index_log(
+        self, wal: Wal, scan_from: int, window: float | None, key_hash: bytes | None
+    ) -> None:
+        """Index the keyed records from ``scan_from`` (``key_hash``: of that key only) up
+        to the durable end, keeping the first record of each key (a dead-letter replay
+        repeats its key later). ``window`` None: every record (purged later)."""
+        end = wal.sync()  # what a dead sender wrote becomes durable (or never will)
+        start = max(scan_from, wal.first_lsn())
+        rows: dict[str, tuple[Any, ...]] = {}
+        if start < end:
+            for lsn, payload in wal.iter_from(start):
+                if lsn >= end:
+                    break
+                try:
+                    entry = decode(payload)
+                    entry_digest = digest(entry)
+                except (BadRecordError, NotSerializableError):
+                    continue  # the pump dead-letters it; it indexes nothing
+                key, created = entry.key, entry.created
+                if not key or created is None:
+                    continue  # unkeyed, or version 1 (sent before there was an index)
+                if key_hash is not None and _hash(key) != key_hash:
+                    continue
+                if key in rows and rows[key][4] >= created:
+                    continue  # the same send again (replay, carried forward): keep the first
+                receipt = receipt_of(wal.wal_id, lsn, entry)
+                rows[key] = (key, entry_digest, receipt.lsn, json.dumps(receipt.task_ids),
+                             created)  # fmt: skip
+        oldest = -1.0 if window is None else time.time() - window
+        live = [r for r in rows.values() if r[4] > oldest]
+        if live:
+            with self._writing():
+                # A row of the same send (or a later one) was inserted by its sender: it
+                # stays; an expired row of an earlier send is replaced.
+                self._db.executemany(_UPSERT_NEWER, live)
+
+    def close(self) -> None:
+        self.closed = True
+        with self._db_lock:
+            self._db.close()
+        os.close(self._fd)  # drops this process's locks on keys.lock: none are held now
+
+    def _meta(self, name: str) -> str | None:
+        with self._db_lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+
+def _hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+_registry_lock = threading.Lock()
+_registry: dict[tuple[int, str], KeyIndex] = {}
+
+
+def index_for(wal: Wal) -> KeyIndex:
+    """This process's index of ``wal``'s directory: one per process and directory, since
+    fcntl locks belong to the process (a second handle would not exclude the first, and
+    closing it would drop the first's locks). Never shared across a fork."""
+    directory = os.path.realpath(wal.directory)
+    key = (os.getpid(), directory)
+    with _registry_lock:
+        index = _registry.get(key)
+        if index is None:
+            index = _registry[key] = KeyIndex(directory, wal)
+        return index
+
+
+def close_index(directory: str) -> None:
+    """Close this process's index of ``directory`` (a later send opens it again)."""
+    with _registry_lock:
+        index = _registry.pop((os.getpid(), os.path.realpath(directory)), None)
+    if index is not None:
+        index.close()

@@ -415,10 +415,14 @@ class Wal:
                 self._fs.fdatasync(self._fd(snap.active))
             except OSError as exc:
                 raise self._io_error("fsync", exc) from exc
+        if shm.poisoned():
+            # Another process failed a write or an fsync during ours: the kernel may have
+            # dropped pages of this file, so our fsync's success proves nothing (fsyncgate).
+            raise self._poisoned_error()
         # Every record below snap.next_lsn was written before the snapshot was taken, and
         # sealed segments were fsync'd when they were sealed.
         synced = max(synced, snap.next_lsn)
-        shm.set_sync(synced, poisoned=False)
+        shm.set_synced(synced)
         return synced
 
     def _poisoned_error(self) -> LogPoisonedError:
@@ -433,7 +437,7 @@ class Wal:
             return LogFullError(f"disk full while appending to {self._dir}: {exc}; retry later")
         # fsyncgate: after a failed fsync the kernel may have dropped the dirty pages, so
         # a later "successful" fsync proves nothing. Refuse everything until recovery.
-        self._shm.set_sync(self._shm.synced_lsn(), poisoned=True)
+        self._shm.set_poisoned()
         return LogPoisonedError(
             f"{what} failed on the log in {self._dir}: {exc}. The log is poisoned: fix the "
             "disk, stop every process using it and reopen it"

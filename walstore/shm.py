@@ -35,6 +35,7 @@ _HEAD = struct.Struct("<8sQ")  # magic, generation
 _WRITE = struct.Struct("<QIIQQQQI")  # +crc
 _WRITE_OFF = 64
 _SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
+_SYNCED, _POISONED = struct.Struct("<Q"), struct.Struct("<I")  # its fields, written apart
 _SYNC_OFF = 192
 _SEQ = struct.Struct("<Q")  # flush sequence number: picks the commit gate (CommitGate)
 _SEQ_OFF = 256
@@ -73,7 +74,7 @@ class SharedState:
     def initialise(self, state: WriteState, synced_lsn: int) -> None:
         self._mm[:SHM_SIZE] = bytes(SHM_SIZE)
         self.set_write(state)
-        self.set_sync(synced_lsn, poisoned=False)
+        _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, 0)
         _HEAD.pack_into(self._mm, 0, _MAGIC, int.from_bytes(os.urandom(8), "little"))
 
     def invalidate(self) -> None:
@@ -116,8 +117,14 @@ class SharedState:
     def poisoned(self) -> bool:
         return bool(_SYNC.unpack_from(self._mm, _SYNC_OFF)[1])
 
-    def set_sync(self, synced_lsn: int, poisoned: bool) -> None:
-        _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, int(poisoned))
+    def set_synced(self, synced_lsn: int) -> None:
+        """Publish the high water mark (flush leader only). Never touches the poisoned
+        flag, which another process may set at any moment."""
+        _SYNCED.pack_into(self._mm, _SYNC_OFF, synced_lsn)
+
+    def set_poisoned(self) -> None:
+        """Poison the log for every process; only ``initialise`` (recovery) clears it."""
+        _POISONED.pack_into(self._mm, _SYNC_OFF + _SYNCED.size, 1)
 
     # -- flush sequence (written by the flush leader only; any value is safe) --
     def flush_seq(self) -> int:

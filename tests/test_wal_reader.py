@@ -154,4 +154,4 @@ class ReaderMachine(RuleBasedStateMachine):
 
 
 TestReader = ReaderMachine.TestCase
-TestReader.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
+TestReader.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)

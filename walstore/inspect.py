@@ -10,10 +10,12 @@ the reader (and so ``dump``) does when it gets there. See docs/walstore-damage.m
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import CorruptLogError, WalError
+from .attach import SHM, others_attached
+from .errors import CorruptLogError, LogAttachError, WalError
 from .format import segment_name
 from .fs import OsFs
 from .log import Status
@@ -21,7 +23,7 @@ from .reader import Reader
 from .recovery import load_meta, read_checkpoint, survey
 from .scan import Record, examine
 from .segments import list_segments, read_header, segment_path
-from .shm import SharedState, TornStateError, others_attached
+from .shm import SharedState, TornStateError
 
 
 @dataclass
@@ -98,16 +100,25 @@ def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
 def _live_state(directory: str) -> tuple[int, int, int] | None:
     """(next LSN, HWM, bytes) from the shared state, if processes have the log open;
     None if nobody has."""
-    if not others_attached(os.path.join(directory, "LOCK")):
+    if not others_attached(directory):
         return None
-    shm = SharedState(os.path.join(directory, "shm"))
+    shm = SharedState(os.path.join(directory, SHM))
     try:
-        if not shm.is_valid():
-            return None  # a recovery is under way: read the disk
-        st = shm.write_state_snapshot()
-        return st.next_lsn, shm.synced_lsn(), st.sealed_bytes + st.offset
-    except TornStateError:
-        return None
+        ids = shm.identities()
+        if not shm.is_valid() or not ids or ids[0] != shm.identity():
+            raise LogAttachError(
+                f"processes have the log in {directory} open, but its shared state file "
+                f"{SHM} is not theirs: it was removed or replaced while they ran, so their "
+                "figures cannot be read; stop them all (or wait until they close it)"
+            )
+        for _ in range(100):
+            try:
+                st = shm.write_state_snapshot()
+            except TornStateError:  # a writer was preempted mid-update: ask again
+                time.sleep(0.001)
+                continue
+            return st.next_lsn, shm.synced_lsn(), st.sealed_bytes + st.offset
+        return None  # a writer died mid-update: read the disk
     finally:
         shm.close()
 

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from .attach import SHM, AttachLock
 from .errors import CorruptLogError, LogBusyError
 from .format import (
     NO_PREVIOUS,
@@ -28,7 +29,7 @@ from .fs import OsFs
 from .recovery import load_meta, read_checkpoint, remove_temp_files, write_checkpoint
 from .scan import check_record, find_valid_after
 from .segments import list_segments, segment_path
-from .shm import AttachLock
+from .shm import SharedState
 
 
 @dataclass
@@ -54,12 +55,23 @@ class _Salvage:
 
 
 def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
+    """Repair the log in ``directory``; it must not be open anywhere (LogBusyError).
+
+    Holds the log exclusively while it runs, and marks the shared state so that a
+    process opening the log meanwhile is refused at once (see walstore.attach); the
+    shared state is left invalid, so the next open recovers from what repair wrote."""
     fs = fs or OsFs()
-    lock = AttachLock(os.path.join(directory, "LOCK"))
+    lock = AttachLock(directory)
     try:
         if not lock.try_exclusive():
             raise LogBusyError(f"{directory} is open in another process: stop it, then repair")
-        return _repair(fs, directory)
+        shm = SharedState(os.path.join(directory, SHM))
+        try:
+            shm.mark_repairing(os.getpid())
+            return _repair(fs, directory)
+        finally:
+            shm.invalidate()
+            shm.close()
     finally:
         lock.close()
 

@@ -528,3 +528,49 @@ def test_leftover_temp_files_of_a_crashed_roll_over_are_removed(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
     assert [p.name for p in segs(tmp_path)] == ["00000000000000000000.seg"]
     assert survivors(tmp_path)[-1] == (20, b"next")
+
+
+def test_zeroed_meta_refuses_every_reader_and_repair_rebuilds_it(tmp_path: Path) -> None:
+    pays = build(tmp_path, 100)  # four segments
+    with Wal.open(tmp_path, opts()) as wal:
+        wal_id = wal.wal_id
+        wal.set_low_water_mark(70)  # prunes the first two segments
+        first = wal.first_lsn()
+    assert 0 < first < 70
+    meta = tmp_path / "META"
+    meta.write_bytes(bytes(len(meta.read_bytes())))
+    reason = "unreadable META"
+    assert_readers(tmp_path, Verdict("refused", [], 0, "META", 0, reason))
+
+    code, out, err = run_cli("repair", str(tmp_path))
+    assert code == 0, err
+    assert f"rebuilt META from the segment headers (WAL id {wal_id})" in out
+    assert f"low water mark lowered from 70 to {first}" in out  # conservative: redeliver
+    assert_readers(tmp_path, Verdict("clean", expected(pays, 100)[first:]))
+    with Wal.open(tmp_path, opts()) as wal:
+        assert (wal.wal_id, wal.low_water_mark(), wal.first_lsn()) == (wal_id, first, first)
+        assert wal.append(b"after") == 100
+    assert stat_mode(meta) == 0o600
+
+
+def test_repair_refuses_to_guess_meta_when_segments_disagree(tmp_path: Path) -> None:
+    build(tmp_path / "a", 70)
+    build(tmp_path / "b", 70)
+    newest = segs(tmp_path / "b")[-1]
+    shutil.copy(newest, tmp_path / "a" / newest.name)  # a segment of another log
+    (tmp_path / "a" / "META").write_bytes(b"\0" * 60)
+    code, _out, err = run_cli("repair", str(tmp_path / "a"))
+    assert code == 2
+    assert "segments name 2 different WAL ids" in err
+    assert (tmp_path / "a" / "META").read_bytes() == b"\0" * 60  # nothing guessed
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_repair_never_invents_meta_for_a_directory_without_segments(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a log")
+    code, _out, err = run_cli("repair", str(tmp_path))
+    assert code == 2 and "META is missing" in err and "no segment header" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # nothing created there

@@ -74,7 +74,16 @@ def _repair(args: argparse.Namespace) -> int:
     if not report.changed:
         print("nothing to repair")
         return 0
-    print(f"rewrote: {', '.join(report.rewritten)}; originals kept in {report.backup_dir}")
+    kept = f"; originals kept in {report.backup_dir}" if report.backup_dir else ""
+    print(f"rewrote: {', '.join(report.rewritten)}{kept}")
+    if report.meta_rebuilt:
+        print(f"rebuilt META from the segment headers (WAL id {report.meta_rebuilt})")
+    if report.lwm_lowered:
+        old, new = report.lwm_lowered
+        print(
+            f"low water mark lowered from {old} to {new} (the first LSN on disk): "
+            f"entries {new}..{old - 1} will be delivered again"
+        )
     if report.cut_bytes:
         print(f"cut {report.cut_bytes} bytes of torn tail")
     for start, end in report.lost:

@@ -40,7 +40,7 @@ def load_meta(fs: OsFs, directory: str, create: bool) -> bytes:
         meta = {"format": FORMAT_VERSION, "wal_id": uuid.uuid4().hex}
         fs.write_file_atomic(directory, META, json.dumps(meta).encode())
     try:
-        meta = json.loads(fs.read_file(path))
+        meta = json.loads(fs.read_file(path).decode("utf-8"))
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported format {meta.get('format')!r}")
         return uuid.UUID(hex=meta["wal_id"]).bytes

@@ -9,6 +9,7 @@ to ``repair-<time>/`` in the log directory.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from .attach import SHM, AttachLock
 from .errors import CorruptLogError, LogBusyError
 from .format import (
+    FORMAT_VERSION,
     NO_PREVIOUS,
     SEGMENT_HEADER_SIZE,
     TYPE_LOST,
@@ -26,7 +28,13 @@ from .format import (
     unpack_segment_header,
 )
 from .fs import OsFs
-from .recovery import load_meta, read_checkpoint, remove_temp_files, write_checkpoint
+from .recovery import (
+    META,
+    load_meta,
+    read_checkpoint,
+    remove_temp_files,
+    write_checkpoint,
+)
 from .scan import check_record, find_valid_after
 from .segments import list_segments, segment_path
 from .shm import SharedState
@@ -38,6 +46,8 @@ class RepairReport:
     rewritten: list[str] = field(default_factory=list)
     cut_bytes: int = 0
     backup_dir: str | None = None
+    meta_rebuilt: str | None = None  # the WAL id META was rebuilt with (from the headers)
+    lwm_lowered: tuple[int, int] | None = None  # (from, to): entries to be delivered again
 
     @property
     def changed(self) -> bool:
@@ -61,6 +71,11 @@ def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
     process opening the log meanwhile is refused at once (see walstore.attach); the
     shared state is left invalid, so the next open recovers from what repair wrote."""
     fs = fs or OsFs()
+    if not fs.exists(os.path.join(directory, META)) and not list_segments(fs, directory):
+        raise CorruptLogError(
+            META, 0, "META is missing, and no segment header names the log's id: is this a "
+            "walstore directory?"
+        )  # fmt: skip
     lock = AttachLock(directory)
     try:
         if not lock.try_exclusive():
@@ -78,9 +93,14 @@ def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
 
 def _repair(fs: OsFs, directory: str) -> RepairReport:
     remove_temp_files(fs, directory)
-    wal_id = load_meta(fs, directory, create=False)
     firsts = list_segments(fs, directory)
     report = RepairReport()
+    try:
+        wal_id = load_meta(fs, directory, create=False)
+    except CorruptLogError as exc:
+        if exc.segment != META:
+            raise
+        wal_id = _rebuild_meta(fs, directory, firsts, exc.reason, report)
     plan: list[_Salvage] = []
     expected = firsts[0] if firsts else 0
     for i, first in enumerate(firsts):
@@ -104,6 +124,44 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
     fs.fsync_dir(directory)
     _repair_checkpoint(fs, directory, firsts[0] if firsts else 0, expected, report)
     return report
+
+
+def _rebuild_meta(
+    fs: OsFs, directory: str, firsts: list[int], problem: str, report: RepairReport
+) -> bytes:
+    """Write META again with the WAL id every segment header carries.
+
+    The low water mark is then lowered to the first LSN on disk: whatever damaged META
+    may have hit CHECKPOINT's history too, and delivering entries again is safe (they
+    are idempotent) where skipping one is not."""
+    ids: set[bytes] = set()
+    for first in firsts:
+        raw = fs.read_file(segment_path(directory, first))[:SEGMENT_HEADER_SIZE]
+        try:
+            ids.add(unpack_segment_header(raw).wal_id)
+        except ValueError:
+            continue  # a damaged header: the others tell
+    if len(ids) > 1:
+        raise CorruptLogError(
+            META, 0, f"{problem}, and the segments name {len(ids)} different WAL ids: "
+            "repair cannot tell which log this is; move the segments of the other log away"
+        )  # fmt: skip
+    if not ids:  # not even a segment: maybe not a log at all; nothing to guess from
+        raise CorruptLogError(META, 0, f"{problem}, and no segment header names the log's id")
+    wal_id = ids.pop()
+    meta = {"format": FORMAT_VERSION, "wal_id": wal_id.hex()}
+    fs.write_file_atomic(directory, META, json.dumps(meta).encode())
+    report.rewritten.append(META)
+    report.meta_rebuilt = wal_id.hex()
+    try:
+        lwm = read_checkpoint(fs, directory)
+    except CorruptLogError:
+        lwm = None  # _repair_checkpoint resets it to the first LSN and says so
+    if lwm is not None and lwm > firsts[0]:
+        write_checkpoint(fs, directory, firsts[0])
+        report.rewritten.append("CHECKPOINT")
+        report.lwm_lowered = (lwm, firsts[0])
+    return wal_id
 
 
 def _repair_checkpoint(

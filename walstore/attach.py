@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 
 from .errors import LogAttachError, LogBusyError
+from .fs import open_private
 from .shm import CommitGate, FileLock, SharedState, WriteState, repairing_pid
 
 LOCK = "LOCK"
@@ -86,7 +87,7 @@ class AttachLock:
         self._dir = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             path = os.path.join(directory, LOCK)
-            self._lock = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock = open_private(path, os.O_RDWR | os.O_CREAT)
         except BaseException:
             os.close(self._dir)
             raise

@@ -29,7 +29,7 @@ from .errors import (
     WalError,
 )
 from .format import SEGMENT_HEADER_SIZE, TYPE_DATA, pack_record
-from .fs import OsFs
+from .fs import OsFs, prepare_log_dir
 from .options import Options, SyncPolicy
 from .reader import Reader
 from .recovery import load_meta, read_checkpoint, recover, recover_tail, write_checkpoint
@@ -72,8 +72,7 @@ class Wal:
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
         self._lwm_lock = threading.Lock()
-        if not os.path.isdir(self._dir):
-            os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        prepare_log_dir(self._dir)
         self._att = Attachment(self._dir, GATES)
         try:
             self._att.attach(self._recover)

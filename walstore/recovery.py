@@ -20,7 +20,7 @@ from .format import (
     segment_name,
     unpack_checkpoint,
 )
-from .fs import OsFs
+from .fs import OsFs, make_private_dirs
 from .options import Options
 from .scan import Damage, ScanResult, examine, last_nonzero_end
 from .segments import check_chain, create_segment, list_segments, segment_path
@@ -180,6 +180,6 @@ def cut_tail(fs: OsFs, directory: str, first: int, salt: int) -> tuple[ScanResul
 
 def _save_torn(fs: OsFs, directory: str, name: str, offset: int, data: bytes) -> None:
     torn = os.path.join(directory, TORN_DIR)
-    os.makedirs(torn, mode=0o700, exist_ok=True)
+    make_private_dirs(torn)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     fs.write_file_atomic(torn, f"{name}-{offset}-{stamp}.bin", data)

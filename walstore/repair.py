@@ -27,7 +27,7 @@ from .format import (
     segment_name,
     unpack_segment_header,
 )
-from .fs import OsFs
+from .fs import OsFs, check_private_dir, make_private_dirs
 from .recovery import (
     META,
     load_meta,
@@ -71,6 +71,7 @@ def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
     process opening the log meanwhile is refused at once (see walstore.attach); the
     shared state is left invalid, so the next open recovers from what repair wrote."""
     fs = fs or OsFs()
+    check_private_dir(directory)
     if not fs.exists(os.path.join(directory, META)) and not list_segments(fs, directory):
         raise CorruptLogError(
             META, 0, "META is missing, and no segment header names the log's id: is this a "
@@ -244,7 +245,7 @@ def _rewrite(
 ) -> None:
     if report.backup_dir is None:
         report.backup_dir = os.path.join(directory, time.strftime("repair-%Y%m%dT%H%M%S"))
-        os.makedirs(report.backup_dir, mode=0o700, exist_ok=True)
+        make_private_dirs(report.backup_dir)
     path = segment_path(directory, item.first)
     if fs.exists(path):
         shutil.copy2(path, os.path.join(report.backup_dir, segment_name(item.first)))

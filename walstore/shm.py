@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import NamedTuple
 
 from .format import crc
+from .fs import open_private
 
 SHM_SIZE = 4096
 # Version 2: identities of the shared files (see walstore.attach). A process of the
@@ -96,7 +97,7 @@ def repairing_pid(path: str) -> int | None:
 
 class SharedState:
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = open_private(path, os.O_RDWR | os.O_CREAT)
         try:
             if os.fstat(self._fd).st_size < SHM_SIZE:
                 os.ftruncate(self._fd, SHM_SIZE)
@@ -204,7 +205,7 @@ class FileLock:
     that share the descriptor."""
 
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = open_private(path, os.O_RDWR | os.O_CREAT)
         self._thread = threading.Lock()
 
     def acquire(self, blocking: bool = True) -> bool:
@@ -257,8 +258,8 @@ class CommitGate:
     """
 
     def __init__(self, lead_path: str, gate_paths: list[str], state: SharedState) -> None:
-        self._lead = os.open(lead_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._gates = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for p in gate_paths]
+        self._lead = open_private(lead_path, os.O_RDWR | os.O_CREAT)
+        self._gates = [open_private(p, os.O_RDWR | os.O_CREAT) for p in gate_paths]
         # Waiting uses its own open file description: a shared flock on the leader's
         # descriptor would convert the leader's exclusive lock instead of waiting.
         self._waits = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in gate_paths]

@@ -574,3 +574,39 @@ def test_repair_never_invents_meta_for_a_directory_without_segments(tmp_path: Pa
     code, _out, err = run_cli("repair", str(tmp_path))
     assert code == 2 and "META is missing" in err and "no segment header" in err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # nothing created there
+
+
+def test_two_cuts_in_the_same_second_keep_both_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torn/ names carried a 1-second timestamp: a second cut at the same segment and
+    offset in the same second replaced the first copy. The clock is frozen here."""
+    monkeypatch.setattr("time.strftime", lambda *_args: "20240101T000000")
+    pays = build(tmp_path, 10)
+    seg = segs(tmp_path)[0]
+    _lsn, _start, end = layout(seg)[-1]
+    cuts = [b"\x01" * 30, b"\x02" * 40]
+    for garbage in cuts:
+        patch(seg, end, garbage)
+        assert survivors(tmp_path) == expected(pays, 10)
+    torn = torn_files(tmp_path)
+    assert sorted(p.read_bytes() for p in torn) == cuts
+    assert all(p.name.startswith(f"{seg.name}-{end}-") for p in torn)
+
+
+def test_two_repairs_in_the_same_second_keep_both_originals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("time.strftime", lambda *_args: "repair-20240101T000000")
+    build(tmp_path, 70)
+    first = segs(tmp_path)[0]
+    originals = []
+    for record in (3, 7):
+        _lsn, start, _end = layout(first)[record]
+        flip(first, start + 50)
+        originals.append(first.read_bytes())
+        assert run_cli("repair", str(tmp_path))[0] == 0
+    backups = sorted(tmp_path.glob("repair-*"))
+    assert len(backups) == 2
+    assert sorted((b / first.name).read_bytes() for b in backups) == sorted(originals)
+    assert all(stat_mode(b) == 0o700 for b in backups)

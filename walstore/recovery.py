@@ -4,6 +4,7 @@ checked from headers alone, and the newest segment's torn tail cut back."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -179,7 +180,14 @@ def cut_tail(fs: OsFs, directory: str, first: int, salt: int) -> tuple[ScanResul
 
 
 def _save_torn(fs: OsFs, directory: str, name: str, offset: int, data: bytes) -> None:
+    """Copy a torn tail aside before it is cut, under a name no other cut reuses (the
+    recovering process is alone, so the first free name stays free)."""
     torn = os.path.join(directory, TORN_DIR)
     make_private_dirs(torn)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    fs.write_file_atomic(torn, f"{name}-{offset}-{stamp}.bin", data)
+    base = f"{name}-{offset}-{stamp}"
+    for n in itertools.count():
+        file = f"{base}.bin" if n == 0 else f"{base}-{n}.bin"
+        if not fs.exists(os.path.join(torn, file)):
+            fs.write_file_atomic(torn, file, data)
+            return

@@ -9,6 +9,7 @@ to ``repair-<time>/`` in the log directory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from .format import (
     segment_name,
     unpack_segment_header,
 )
-from .fs import OsFs, check_private_dir, make_private_dirs
+from .fs import OsFs, check_private_dir
 from .recovery import (
     META,
     load_meta,
@@ -240,12 +241,26 @@ def _salvage(
     return _Salvage(first, records, lsn, damaged)
 
 
+def _new_backup_dir(directory: str) -> str:
+    """A directory of its own for this repair's originals (mkdir fails if it exists: two
+    repairs in the same second must not share one)."""
+    base = os.path.join(directory, time.strftime("repair-%Y%m%dT%H%M%S"))
+    for n in itertools.count():
+        path = base if n == 0 else f"{base}-{n}"
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # whatever the umask
+        return path
+    raise AssertionError("unreachable")
+
+
 def _rewrite(
     fs: OsFs, directory: str, item: _Salvage, prev: int, wal_id: bytes, report: RepairReport
 ) -> None:
     if report.backup_dir is None:
-        report.backup_dir = os.path.join(directory, time.strftime("repair-%Y%m%dT%H%M%S"))
-        make_private_dirs(report.backup_dir)
+        report.backup_dir = _new_backup_dir(directory)
     path = segment_path(directory, item.first)
     if fs.exists(path):
         shutil.copy2(path, os.path.join(report.backup_dir, segment_name(item.first)))

@@ -610,3 +610,19 @@ def test_two_repairs_in_the_same_second_keep_both_originals(
     assert len(backups) == 2
     assert sorted((b / first.name).read_bytes() for b in backups) == sorted(originals)
     assert all(stat_mode(b) == 0o700 for b in backups)
+
+
+def test_repair_of_an_unreadable_newest_header_never_reuses_its_lsns(tmp_path: Path) -> None:
+    """Without the header's salt no record of the segment verifies. Repair cannot save
+    them, but it must say so and keep their LSNs used: task ids derive from LSNs, and a
+    new record under an old LSN could be taken for a delivery already made."""
+    build(tmp_path, 50)  # two segments; the newest holds LSNs 34..49
+    newest = segs(tmp_path)[-1]
+    first = int(newest.stem)
+    flip(newest, 20)  # header checksum fails
+    code, out, _err = run_cli("repair", str(tmp_path))
+    assert code == 0
+    assert f"LOST: LSN {first}..49 ({50 - first} records)" in out
+    with Wal.open(tmp_path, opts()) as wal:
+        assert wal.append(b"after") == 50
+        assert [lsn for lsn, _ in wal.iter_from(0)] == [*range(first), 50]

@@ -21,8 +21,10 @@ from .errors import CorruptLogError, LogBusyError
 from .format import (
     FORMAT_VERSION,
     NO_PREVIOUS,
+    RECORD_HEADER,
     SEGMENT_HEADER_SIZE,
     TYPE_LOST,
+    VALID_TYPES,
     pack_record,
     pack_segment_header,
     segment_name,
@@ -208,10 +210,13 @@ def _salvage(
         if header.first_lsn != first or header.wal_id != wal_id:
             raise ValueError("header does not match")
     except ValueError:
-        if nxt is None:  # the newest: its records are unknowable; start it afresh
-            return _Salvage(first, [], first, True)
-        report.lost.append((first, nxt))
-        return _Salvage(first, _lost(first, nxt), nxt, True)
+        # Without the salt no record verifies. The newest segment's end is not named by a
+        # next segment: follow the records' framing (unverified) to find how many LSNs it
+        # used, so that none is handed out again.
+        end = nxt if nxt is not None else _framed_end(buf, first)
+        if end > first:
+            report.lost.append((first, end))
+        return _Salvage(first, _lost(first, end), end, True)
     records: list[tuple[int, int, bytes]] = []
     pos, lsn, damaged = SEGMENT_HEADER_SIZE, first, False
     while pos < len(buf):
@@ -254,6 +259,19 @@ def _new_backup_dir(directory: str) -> str:
         os.chmod(path, 0o700)  # whatever the umask
         return path
     raise AssertionError("unreachable")
+
+
+def _framed_end(buf: bytes, first: int) -> int:
+    """The LSN after the last record whose header frames (length, LSN in sequence, type)
+    without checking checksums: an upper bound of the LSNs a segment used."""
+    pos, lsn = SEGMENT_HEADER_SIZE, first
+    while pos + RECORD_HEADER.size <= len(buf):
+        _crc, length, rlsn, rtype = RECORD_HEADER.unpack_from(buf, pos)
+        end = pos + RECORD_HEADER.size + length
+        if rlsn != lsn or rtype not in VALID_TYPES or end > len(buf):
+            break
+        pos, lsn = end, lsn + 1
+    return lsn
 
 
 def _rewrite(

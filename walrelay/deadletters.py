@@ -11,6 +11,7 @@ deletes it.
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import os
 from dataclasses import dataclass, field
@@ -94,10 +95,24 @@ class DeadLetterStore:
         self.fs.write_file_atomic(self.directory, os.path.basename(self._path(letter.id)), data)
 
     def list(self) -> list[DeadLetter]:
+        """The readable dead letters, oldest entry first (``scan`` names the others)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[builtins.list[DeadLetter], builtins.list[tuple[str, str]]]:
+        """(readable dead letters, [(path, why) of each unreadable file]), oldest first:
+        one damaged file must not hide the others."""
         if not os.path.isdir(self.directory):
-            return []
+            return [], []
         names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
-        return [self.get(str(int(n.removesuffix(".json")))) for n in names]
+        letters: builtins.list[DeadLetter] = []
+        unreadable: builtins.list[tuple[str, str]] = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            try:
+                letters.append(self.get(str(int(name.removesuffix(".json")))))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                unreadable.append((path, f"{type(exc).__name__}: {exc}"))
+        return letters, unreadable
 
     def get(self, letter_id: str) -> DeadLetter:
         try:

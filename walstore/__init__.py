@@ -12,6 +12,7 @@ on-disk format and ``walstore.log.Wal`` for the API::
 
 from .errors import (
     CorruptLogError,
+    LogAttachError,
     LogBusyError,
     LogClosedError,
     LogFullError,
@@ -27,6 +28,7 @@ from .scan import Record
 
 __all__ = [
     "CorruptLogError",
+    "LogAttachError",
     "LogBusyError",
     "LogClosedError",
     "LogFullError",

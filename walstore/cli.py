@@ -8,12 +8,18 @@ import sys
 from collections.abc import Sequence
 
 from .errors import WalError
-from .inspect import dump, snapshot, verify
+from .inspect import Snapshot, dump, snapshot, verify
 from .repair import repair
+
+
+def _warn_torn(snap: Snapshot) -> None:
+    if snap.torn_tail is not None:
+        print(f"warning: {snap.torn_tail}", file=sys.stderr)
 
 
 def _status(args: argparse.Namespace) -> int:
     snap = snapshot(args.dir)
+    _warn_torn(snap)
     if args.json:
         print(json.dumps(snap.as_dict(), sort_keys=True))
         return 0
@@ -34,7 +40,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    for lsn, payload in dump(args.dir, args.from_lsn):
+    snap = snapshot(args.dir)
+    _warn_torn(snap)
+    for lsn, payload in dump(args.dir, args.from_lsn, snap=snap):
         try:
             text: str | None = payload.decode("utf-8")
         except UnicodeDecodeError:
@@ -55,8 +63,7 @@ def _dump(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     report = verify(args.dir)
     for p in report.problems:
-        level = "CORRUPT" if p.fatal else "warning"
-        print(f"{level}: segment {p.segment} offset {p.offset}: {p.reason}", file=sys.stderr)
+        print(f"{'CORRUPT' if p.fatal else 'warning'}: {p}", file=sys.stderr)
     verdict = "ok" if report.ok else "CORRUPT"
     print(f"{verdict}: {report.segments} segments, {report.records} records checked")
     return 0 if report.ok else 1
@@ -67,7 +74,16 @@ def _repair(args: argparse.Namespace) -> int:
     if not report.changed:
         print("nothing to repair")
         return 0
-    print(f"rewrote: {', '.join(report.rewritten)}; originals kept in {report.backup_dir}")
+    kept = f"; originals kept in {report.backup_dir}" if report.backup_dir else ""
+    print(f"rewrote: {', '.join(report.rewritten)}{kept}")
+    if report.meta_rebuilt:
+        print(f"rebuilt META from the segment headers (WAL id {report.meta_rebuilt})")
+    if report.lwm_lowered:
+        old, new = report.lwm_lowered
+        print(
+            f"low water mark lowered from {old} to {new} (the first LSN on disk): "
+            f"entries {new}..{old - 1} will be delivered again"
+        )
     if report.cut_bytes:
         print(f"cut {report.cut_bytes} bytes of torn tail")
     for start, end in report.lost:
@@ -100,11 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # an OSError: before the clause below, or it never matches
+        return 0
     except (WalError, OSError) as exc:
         print(f"walstore {args.command}: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

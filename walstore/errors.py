@@ -54,5 +54,15 @@ class LogBusyError(WalError):
     """An exclusive holder (a repair, or another reader that must be alone) has the log."""
 
 
+class LogAttachError(WalError):
+    """Open found the files the processes using the log share (``shm``, the lock files)
+    removed or replaced under them, or a shared state that does not match the segments.
+
+    Attaching to other files than theirs could hand out an LSN twice, so open refuses.
+    Those processes keep working; stop them all (or wait until they close the log), then
+    open it again: the first process to open it rebuilds the shared files.
+    """
+
+
 class LsnOutOfRangeError(WalError, ValueError):
     """An LSN below the first one still in the log (pruned) or past the high water mark."""

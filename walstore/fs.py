@@ -7,12 +7,77 @@ from __future__ import annotations
 import contextlib
 import os
 
+from .errors import WalError
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def open_private(path: str, flags: int, mode: int = FILE_MODE) -> int:
+    """``os.open``; a file it creates gets exactly ``mode`` whatever the umask."""
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    if flags & os.O_CREAT:
+        try:
+            if os.fstat(fd).st_mode & 0o7777 != mode:
+                os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def make_private_dirs(path: str) -> None:
+    """Create ``path`` and any missing parent, each 0700 whatever the umask (unlike
+    ``os.makedirs``, whose mode is not applied to the parents it creates)."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue  # another process made it first: it checks it, as we do next
+        os.chmod(d, DIR_MODE)
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse a log directory that another user could write to, or that is not ours:
+    they could swap its files under the log (as PostgreSQL and ssh refuse)."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise WalError(
+            f"{path} is owned by uid {st.st_uid}, not by this process's user (uid "
+            f"{os.geteuid()}): run as its owner, or chown it to this user"
+        )
+    if st.st_mode & 0o022:
+        who = " and ".join(
+            w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit
+        )
+        raise WalError(
+            f"{path} is writable by {who} (mode {oct(st.st_mode & 0o777)}), who could then "
+            f"replace the log's files: chmod 700 {path}"
+        )
+
+
+def prepare_log_dir(path: str) -> None:
+    """Create the log directory privately, or check the one that exists."""
+    if not os.path.isdir(path):
+        make_private_dirs(path)
+    check_private_dir(path)
+
 
 class OsFs:
     """The real thing: thin wrappers over ``os`` that finish partial writes."""
 
-    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        return os.open(path, flags | os.O_CLOEXEC, mode)
+    def open(self, path: str, flags: int, mode: int = FILE_MODE) -> int:
+        return open_private(path, flags, mode)
 
     def close(self, fd: int) -> None:
         os.close(fd)

@@ -1,90 +1,29 @@
-"""Read-only views of a log for operators: status, dump, verify. Never writes: a torn tail
-is reported, not cut (the next open of the log cuts it)."""
+"""Read-only views of a log for operators: status, dump, verify. Never writes the log: a
+torn tail is reported, not cut (the next open cuts it).
+
+Every one of them gives the verdict open gives on the same bytes (``recovery.survey``):
+a log open refuses is refused here too, with the same segment, offset and reason, never
+shown as a shorter valid log. ``verify`` also reads every sealed segment's records, as
+the reader (and so ``dump``) does when it gets there. See docs/walstore-damage.md.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import CorruptLogError, WalError
-from .format import SEGMENT_HEADER_SIZE, segment_name
+from .attach import SHM, others_attached
+from .errors import CorruptLogError, LogAttachError, WalError
+from .format import segment_name
 from .fs import OsFs
 from .log import Status
 from .reader import Reader
-from .recovery import load_meta, read_checkpoint
-from .scan import Record, find_valid_after, scan
-from .segments import check_chain, list_segments, read_header, segment_path
-from .shm import SharedState, TornStateError, others_attached
-
-
-@dataclass(frozen=True)
-class Snapshot(Status):
-    wal_id: str
-    live: bool  # some process has the log open (figures come from its shared state)
-
-
-def _require_log(directory: str) -> None:
-    if not os.path.isdir(directory):
-        raise WalError(f"{directory}: no such directory")
-
-
-def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
-    """Status of the log without modifying it."""
-    fs = fs or OsFs()
-    _require_log(directory)
-    wal_id = load_meta(fs, directory, create=False)
-    firsts = list_segments(fs, directory)
-    if not firsts:
-        raise WalError(f"{directory}: no segments: is this a walstore directory?")
-    sizes = [fs.size(segment_path(directory, f)) for f in firsts]
-    live = _live_state(directory)
-    if live is not None:
-        next_lsn, hwm, total = live
-    else:
-        header = read_header(fs, directory, firsts[-1], wal_id)
-        tail = fs.read_file(segment_path(directory, firsts[-1]))
-        result = scan(tail, SEGMENT_HEADER_SIZE, header.salt, firsts[-1])
-        next_lsn = hwm = result.next_lsn
-        total = sum(sizes[:-1]) + result.end
-    return Snapshot(
-        wal_id=wal_id.hex(),
-        segments=len(firsts),
-        bytes=total,
-        first_lsn=firsts[0],
-        next_lsn=next_lsn,
-        low_water_mark=read_checkpoint(fs, directory),
-        high_water_mark=hwm,
-        live=live is not None,
-    )
-
-
-def _live_state(directory: str) -> tuple[int, int, int] | None:
-    """(next LSN, HWM, bytes) from the shared state, if processes have the log open."""
-    if not others_attached(os.path.join(directory, "LOCK")):
-        return None
-    shm = SharedState(os.path.join(directory, "shm"))
-    try:
-        if not shm.is_valid():
-            return None
-        st = shm.write_state_snapshot()
-        return st.next_lsn, shm.synced_lsn(), st.sealed_bytes + st.offset
-    except TornStateError:
-        return None
-    finally:
-        shm.close()
-
-
-def dump(directory: str, from_lsn: int | None = None, fs: OsFs | None = None) -> Iterator[Record]:
-    """Records from ``from_lsn`` (default: the first on disk) to the high water mark."""
-    fs = fs or OsFs()
-    snap = snapshot(directory, fs)
-    reader = Reader(fs, directory, snap.first_lsn if from_lsn is None else from_lsn,
-                    lambda: snap.high_water_mark)  # fmt: skip
-    try:
-        yield from reader
-    finally:
-        reader.close()
+from .recovery import load_meta, read_checkpoint, survey
+from .scan import Record, examine
+from .segments import list_segments, read_header, segment_path
+from .shm import SharedState, TornStateError
 
 
 @dataclass
@@ -93,6 +32,115 @@ class Problem:
     offset: int
     reason: str
     fatal: bool  # False for a torn tail, which open would cut
+
+    def __str__(self) -> str:
+        return f"segment {self.segment} offset {self.offset}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Snapshot(Status):
+    wal_id: str
+    live: bool  # some process has the log open (figures come from its shared state)
+    # A torn tail of the newest segment that the next open cuts (not part of the figures;
+    # never in the JSON of ``walstore status``, which the CLI contract fixes).
+    torn_tail: Problem | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        doc = super().as_dict()
+        doc.pop("torn_tail", None)
+        return doc
+
+
+def _require_log(directory: str) -> None:
+    if not os.path.isdir(directory):
+        raise WalError(f"{directory}: no such directory")
+
+
+def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
+    """Status of the log without modifying it.
+
+    If processes have the log open, the figures are theirs (the shared state). If not,
+    the log is checked as open would check it, and CorruptLogError raised where open
+    would raise it."""
+    fs = fs or OsFs()
+    _require_log(directory)
+    live = _live_state(directory)
+    if live is not None:
+        firsts = list_segments(fs, directory)
+        next_lsn, hwm, total = live
+        return Snapshot(
+            wal_id=load_meta(fs, directory, create=False).hex(),
+            segments=len(firsts),
+            bytes=total,
+            first_lsn=firsts[0] if firsts else next_lsn,
+            next_lsn=next_lsn,
+            low_water_mark=read_checkpoint(fs, directory),
+            high_water_mark=hwm,
+            live=True,
+        )
+    found = survey(fs, directory)
+    torn = None
+    if found.torn is not None:
+        name = segment_name(found.firsts[-1])
+        reason = f"{found.torn.reason} (torn tail: the next open cuts it)"
+        torn = Problem(name, found.torn.offset, reason, fatal=False)
+    return Snapshot(
+        wal_id=found.wal_id.hex(),
+        segments=len(found.firsts),
+        bytes=found.sealed_bytes + found.tail.end,
+        first_lsn=found.firsts[0],
+        next_lsn=found.tail.next_lsn,
+        low_water_mark=found.lwm,
+        high_water_mark=found.tail.next_lsn,
+        live=False,
+        torn_tail=torn,
+    )
+
+
+def _live_state(directory: str) -> tuple[int, int, int] | None:
+    """(next LSN, HWM, bytes) from the shared state, if processes have the log open;
+    None if nobody has."""
+    if not others_attached(directory):
+        return None
+    shm = SharedState(os.path.join(directory, SHM))
+    try:
+        ids = shm.identities()
+        if not shm.is_valid() or not ids or ids[0] != shm.identity():
+            raise LogAttachError(
+                f"processes have the log in {directory} open, but its shared state file "
+                f"{SHM} is not theirs: it was removed or replaced while they ran, so their "
+                "figures cannot be read; stop them all (or wait until they close it)"
+            )
+        for _ in range(100):
+            try:
+                st = shm.write_state_snapshot()
+            except TornStateError:  # a writer was preempted mid-update: ask again
+                time.sleep(0.001)
+                continue
+            return st.next_lsn, shm.synced_lsn(), st.sealed_bytes + st.offset
+        return None  # a writer died mid-update: read the disk
+    finally:
+        shm.close()
+
+
+def dump(
+    directory: str,
+    from_lsn: int | None = None,
+    fs: OsFs | None = None,
+    snap: Snapshot | None = None,
+) -> Iterator[Record]:
+    """Records from ``from_lsn`` (default: the first on disk) to the high water mark.
+
+    Raises CorruptLogError (after yielding every record before it) where the records
+    stop verifying, as the pump's reader does."""
+    fs = fs or OsFs()
+    snap = snap or snapshot(directory, fs)
+    hwm = snap.high_water_mark
+    reader = Reader(fs, directory, snap.first_lsn if from_lsn is None else from_lsn, lambda: hwm)
+    try:
+        yield from reader
+    finally:
+        reader.close()
 
 
 @dataclass
@@ -107,38 +155,29 @@ class VerifyReport:
 
 
 def verify(directory: str, fs: OsFs | None = None) -> VerifyReport:
-    """Check every header and every record of every segment."""
+    """Check everything open checks, then every record of every sealed segment."""
     fs = fs or OsFs()
     _require_log(directory)
     report = VerifyReport()
     try:
-        wal_id = load_meta(fs, directory, create=False)
-        firsts = list_segments(fs, directory)
-        headers = check_chain(fs, directory, firsts, wal_id)
-        read_checkpoint(fs, directory)
+        found = survey(fs, directory)
     except CorruptLogError as exc:
         report.problems.append(Problem(exc.segment, exc.offset, exc.reason, True))
         return report
+    firsts = found.firsts
     report.segments = len(firsts)
-    for i, first in enumerate(firsts):
-        last = i == len(firsts) - 1
-        buf = fs.read_file(segment_path(directory, first))
-        result = scan(buf, SEGMENT_HEADER_SIZE, headers[first].salt, first)
-        report.records += result.n_records
+    for i, first in enumerate(firsts[:-1]):
         name = segment_name(first)
-        stop = result.stop
-        if stop is not None and not (last and stop.zero):
-            follows = find_valid_after(buf, stop.offset, headers[first].salt, result.next_lsn)
-            torn = last and follows is None
-            reason = stop.reason + (" (torn tail: the next open cuts it)" if torn else "")
-            report.problems.append(Problem(name, stop.offset, reason, fatal=not torn))
-        elif not last and result.next_lsn != firsts[i + 1]:
-            report.problems.append(
-                Problem(
-                    name,
-                    result.end,
-                    f"ends at LSN {result.next_lsn}, next segment starts at {firsts[i + 1]}",
-                    True,
-                )
-            )
+        salt = read_header(fs, directory, first, found.wal_id).salt
+        result, damage = examine(fs.read_file(segment_path(directory, first)), salt, first, False)
+        report.records += result.n_records
+        if damage is not None:
+            report.problems.append(Problem(name, damage.offset, damage.reason, True))
+        elif result.next_lsn != firsts[i + 1]:
+            reason = f"ends at LSN {result.next_lsn}, next segment starts at {firsts[i + 1]}"
+            report.problems.append(Problem(name, result.end, reason, True))
+    report.records += found.tail.n_records
+    if found.torn is not None:
+        reason = f"{found.torn.reason} (torn tail: the next open cuts it)"
+        report.problems.append(Problem(segment_name(firsts[-1]), found.torn.offset, reason, False))
     return report

@@ -18,7 +18,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from .attach import Attachment
 from .errors import (
+    LogAttachError,
     LogClosedError,
     LogFullError,
     LogPoisonedError,
@@ -27,23 +29,13 @@ from .errors import (
     WalError,
 )
 from .format import SEGMENT_HEADER_SIZE, TYPE_DATA, pack_record
-from .fs import OsFs
+from .fs import OsFs, prepare_log_dir
 from .options import Options, SyncPolicy
 from .reader import Reader
 from .recovery import load_meta, read_checkpoint, recover, recover_tail, write_checkpoint
 from .scan import Record
-from .segments import create_segment, list_segments, segment_path
-from .shm import (
-    INTENT_APPEND,
-    INTENT_NONE,
-    INTENT_ROLL,
-    AttachLock,
-    CommitGate,
-    FileLock,
-    SharedState,
-    TornStateError,
-    WriteState,
-)
+from .segments import create_segment, list_segments, read_header, segment_path
+from .shm import INTENT_APPEND, INTENT_NONE, INTENT_ROLL, TornStateError, WriteState
 
 # Commit gates flushes take turns on (see shm.CommitGate): 2 measured 14.6k -> 22-23.7k
 # durable appends/s with 16 producers here; 3 or 4 did no better.
@@ -80,21 +72,14 @@ class Wal:
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
         self._lwm_lock = threading.Lock()
-        if not os.path.isdir(self._dir):
-            os.makedirs(self._dir, mode=0o700, exist_ok=True)
-        join = os.path.join
-        self._attach = AttachLock(join(self._dir, "LOCK"))
-        self._shm = SharedState(join(self._dir, "shm"))
-        self._wlock = FileLock(join(self._dir, "append.lock"))
-        self._gate = CommitGate(
-            join(self._dir, "sync.lock"),
-            [join(self._dir, f"gate{i}.lock") for i in range(GATES)],
-            self._shm,
-        )
+        prepare_log_dir(self._dir)
+        self._att = Attachment(self._dir, GATES)
         try:
-            self._attach_and_recover()
+            self._att.attach(self._recover)
+            self._shm, self._wlock, self._gate = self._att.shm, self._att.wlock, self._att.gate
             self.wal_id = load_meta(self._fs, self._dir, create=False).hex()
             self._wal_id_bytes = bytes.fromhex(self.wal_id)
+            self._check_active_segment()
         except BaseException:
             self._release_handles()
             raise
@@ -105,22 +90,27 @@ class Wal:
         is the only one that has it open."""
         return cls(os.fspath(directory), options or Options())
 
-    def _attach_and_recover(self) -> None:
-        for _ in range(200):
-            if self._attach.try_exclusive():
-                try:
-                    state, _wal_id, _lwm = recover(self._fs, self._dir, self._opts)
-                    self._shm.initialise(state, synced_lsn=state.next_lsn)
-                except BaseException:
-                    self._shm.invalidate()
-                    self._attach.release()
-                    raise
-            self._attach.shared()
-            if self._shm.is_valid():
+    def _recover(self) -> WriteState:
+        return recover(self._fs, self._dir, self._opts)[0]
+
+    def _check_active_segment(self) -> None:
+        """The shared state describes the segments on disk: its active segment has the
+        salt it says (a log repaired or restored under it would not)."""
+        for _ in range(3):
+            st = self._state_snapshot()
+            try:
+                salt = read_header(self._fs, self._dir, st.active, self._wal_id_bytes).salt
+            except FileNotFoundError:
+                continue  # rolled over and pruned meanwhile: look again
+            if salt == st.salt:
                 return
-            self._attach.release()  # a recovering process died: try to recover ourselves
-            time.sleep(0.01)
-        raise WalError(f"could not attach to the log in {self._dir}: recovery keeps failing")
+            if self._state_snapshot().active == st.active:
+                break
+        raise LogAttachError(
+            f"cannot open the log in {self._dir}: its shared state does not match segment "
+            f"{st.active:020d}.seg (was the log repaired or restored while processes had it "
+            "open?); stop every process using it, then open it again"
+        )
 
     # ----------------------------------------------------------------- public surface
     def append(self, payload: bytes) -> int:
@@ -308,8 +298,6 @@ class Wal:
         """A process died while updating the shared state: read it back from disk."""
         firsts = list_segments(self._fs, self._dir)
         newest = firsts[-1]
-        from .segments import read_header
-
         salt = read_header(self._fs, self._dir, newest, self._wal_id_bytes).salt
         result = recover_tail(self._fs, self._dir, newest, salt)
         sealed = sum(self._fs.size(segment_path(self._dir, f)) for f in firsts[:-1])
@@ -415,10 +403,14 @@ class Wal:
                 self._fs.fdatasync(self._fd(snap.active))
             except OSError as exc:
                 raise self._io_error("fsync", exc) from exc
+        if shm.poisoned():
+            # Another process failed a write or an fsync during ours: the kernel may have
+            # dropped pages of this file, so our fsync's success proves nothing (fsyncgate).
+            raise self._poisoned_error()
         # Every record below snap.next_lsn was written before the snapshot was taken, and
         # sealed segments were fsync'd when they were sealed.
         synced = max(synced, snap.next_lsn)
-        shm.set_sync(synced, poisoned=False)
+        shm.set_synced(synced)
         return synced
 
     def _poisoned_error(self) -> LogPoisonedError:
@@ -433,7 +425,7 @@ class Wal:
             return LogFullError(f"disk full while appending to {self._dir}: {exc}; retry later")
         # fsyncgate: after a failed fsync the kernel may have dropped the dirty pages, so
         # a later "successful" fsync proves nothing. Refuse everything until recovery.
-        self._shm.set_sync(self._shm.synced_lsn(), poisoned=True)
+        self._shm.set_poisoned()
         return LogPoisonedError(
             f"{what} failed on the log in {self._dir}: {exc}. The log is poisoned: fix the "
             "disk, stop every process using it and reopen it"
@@ -498,10 +490,7 @@ class Wal:
             for fd in self._fds.values():
                 self._fs.close(fd)
             self._fds.clear()
-        self._shm.close()
-        self._wlock.close()
-        self._gate.close()
-        self._attach.close()
+        self._att.close()
 
     def _abandon(self) -> None:
         """Tests only: drop every handle without flushing, as a killed process would."""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import crc32c as _crc32c
 
-from .errors import CorruptLogError, LsnOutOfRangeError
+from .errors import CorruptLogError, LsnOutOfRangeError, WalError
 from .format import (
     MAX_RECORD_BYTES,
     RECORD_HEADER,
@@ -20,7 +20,7 @@ from .format import (
     unpack_segment_header,
 )
 from .fs import OsFs
-from .scan import Record
+from .scan import Record, check_record
 from .segments import list_segments, segment_path
 
 CHUNK = 1024 * 1024
@@ -42,6 +42,7 @@ class Reader:
         self._salt = 0
         self._pos = 0  # offset in the segment of the record with LSN _cur
         self._cur = 0
+        self._error: WalError | OSError | None = None  # raised by the next read
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -61,9 +62,25 @@ class Reader:
             yield batch
 
     def read(self, max_records: int = 4096, hwm: int | None = None) -> list[Record]:
-        """Up to ``max_records`` (lsn, payload) records in [next_lsn, high water mark)."""
+        """Up to ``max_records`` (lsn, payload) records in [next_lsn, high water mark).
+
+        ``next_lsn`` is always the first LSN not returned. If reading fails (a record
+        that does not verify, an I/O error) after some records were parsed, those are
+        returned and the error is raised by the next call, at the failing record."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         limit = self._hwm() if hwm is None else hwm
         out: list[Record] = []
+        try:
+            self._read_into(out, limit, max_records)
+        except (WalError, OSError) as exc:
+            if not out:
+                raise
+            self._error = exc
+        return out
+
+    def _read_into(self, out: list[Record], limit: int, max_records: int) -> None:
         need = CHUNK
         while self.next_lsn < limit and len(out) < max_records:
             if self._fd < 0:
@@ -75,28 +92,30 @@ class Reader:
             elif more > len(buf) and len(buf) == need:
                 need = more  # a record larger than the chunk: read it whole
             elif more:
-                self._corrupt(0, "record runs past the end of the file")
+                self._corrupt(0, f"record of {more - RECORD_HEADER_SIZE} bytes runs past the "
+                              "end of the segment")  # fmt: skip
             else:
                 self._next_segment()  # zeros or end of file: this segment's data ends
-        return out
 
     def _parse(
         self, buf: bytes, limit: int, max_records: int, out: list[Record]
     ) -> tuple[int, int]:
-        """Parse whole records; returns (bytes used, bytes needed for the next record)."""
+        """Parse whole records; returns (bytes used, bytes needed for the next record).
+
+        The position moves past exactly the records parsed, also when one fails."""
         unpack, crc32c = RECORD_HEADER.unpack_from, _crc32c.crc32c
         append = out.append
         view = memoryview(buf)
         pos, lsn, want, salt, size = 0, self._cur, self.next_lsn, self._salt, len(buf)
         needed = 0
+        bad = False
         while lsn < limit and len(out) < max_records:
             if pos + RECORD_HEADER_SIZE > size:
                 break
             stored, length, rlsn, rtype = unpack(buf, pos)
             end = pos + RECORD_HEADER_SIZE + length
             if end > size:
-                if length > MAX_RECORD_BYTES:
-                    self._corrupt(pos, f"record length {length} exceeds the limit")
+                bad = length > MAX_RECORD_BYTES
                 needed = end - pos
                 break
             if (
@@ -104,15 +123,17 @@ class Reader:
                 or rtype not in VALID_TYPES
                 or crc32c(view[pos + 4 : end], salt) != stored
             ):
-                if stored == length == rlsn == rtype == 0:
-                    break  # zeros: this segment's data ends here
-                self._corrupt(pos, "record failed verification (LSN, type or checksum)")
+                bad = not (stored == length == rlsn == rtype == 0)
+                break  # zeros (not ``bad``): this segment's data ends here
             if rtype == TYPE_DATA and lsn >= want:
                 append((lsn, buf[pos + RECORD_HEADER_SIZE : end]))
             pos, lsn = end, lsn + 1
         self._pos += pos
         self._cur = lsn
         self.next_lsn = max(want, lsn)
+        if bad:
+            _end, _type, reason = check_record(buf, pos, salt, lsn)
+            self._corrupt(0, reason or "record failed verification")
         return pos, needed
 
     def _corrupt(self, pos: int, reason: str) -> None:
@@ -134,12 +155,24 @@ class Reader:
         except ValueError as exc:
             self._fs.close(fd)
             raise CorruptLogError(segment_name(first), 0, str(exc)) from None
+        except BaseException:
+            self._fs.close(fd)
+            raise
         self._fd, self._seg, self._salt = fd, first, header.salt
         self._pos, self._cur = SEGMENT_HEADER_SIZE, first
 
     def _next_segment(self) -> None:
-        if self._cur not in list_segments(self._fs, self._dir):
-            self._corrupt(
-                0, f"data ends at LSN {self._cur} but no segment {segment_name(self._cur)} follows"
-            )
+        """The data of this segment ends at ``_pos``: go on to the next segment, which must
+        start at the next LSN (else the data stops early: damage, named where it is)."""
+        firsts = list_segments(self._fs, self._dir)
+        if self._cur not in firsts:
+            buf = self._fs.pread(self._fd, RECORD_HEADER_SIZE, self._pos)
+            later = [f for f in firsts if f > self._seg]
+            if buf:  # zeros or part of a header where the next record should start
+                reason = check_record(buf, 0, self._salt, self._cur)[2] or "bad record"
+            elif later:  # the words of verify, which finds this too
+                reason = f"ends at LSN {self._cur}, next segment starts at {later[0]}"
+            else:
+                reason = f"data ends at LSN {self._cur} and no segment follows"
+            self._corrupt(0, reason)
         self._open(self._cur)

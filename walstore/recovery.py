@@ -4,10 +4,13 @@ checked from headers alone, and the newest segment's torn tail cut back."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 import uuid
+from collections.abc import Callable
+from typing import NamedTuple
 
 from .errors import CorruptLogError
 from .format import (
@@ -18,9 +21,9 @@ from .format import (
     segment_name,
     unpack_checkpoint,
 )
-from .fs import OsFs
+from .fs import OsFs, make_private_dirs
 from .options import Options
-from .scan import ScanResult, find_valid_after, last_nonzero_end, scan
+from .scan import Damage, ScanResult, examine, last_nonzero_end
 from .segments import check_chain, create_segment, list_segments, segment_path
 from .shm import INTENT_NONE, WriteState
 
@@ -38,7 +41,7 @@ def load_meta(fs: OsFs, directory: str, create: bool) -> bytes:
         meta = {"format": FORMAT_VERSION, "wal_id": uuid.uuid4().hex}
         fs.write_file_atomic(directory, META, json.dumps(meta).encode())
     try:
-        meta = json.loads(fs.read_file(path))
+        meta = json.loads(fs.read_file(path).decode("utf-8"))
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported format {meta.get('format')!r}")
         return uuid.UUID(hex=meta["wal_id"]).bytes
@@ -68,22 +71,41 @@ def remove_temp_files(fs: OsFs, directory: str) -> None:
         fs.fsync_dir(directory)
 
 
-def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes, int]:
-    """Recover the log; returns (write state, WAL id, low water mark)."""
-    remove_temp_files(fs, directory)
+class Survey(NamedTuple):
+    """What open finds on disk, before it changes anything (see ``survey``)."""
+
+    wal_id: bytes
+    firsts: list[int]  # first LSNs of the segments, ascending
+    lwm: int
+    salt: int  # the newest segment's
+    tail: ScanResult  # the newest segment's records (next_lsn: after any torn tail)
+    torn: Damage | None  # a torn tail open cuts; None if the newest segment ends cleanly
+    sealed_bytes: int  # bytes in every segment but the newest
+
+
+TailCheck = Callable[[OsFs, str, int, int], tuple[ScanResult, Damage | None]]
+
+
+def read_tail(fs: OsFs, directory: str, first: int, salt: int) -> tuple[ScanResult, Damage | None]:
+    """The newest segment's verdict, read-only: a torn tail is returned, not cut."""
+    result, damage = examine(fs.read_file(segment_path(directory, first)), salt, first, True)
+    if damage is not None and not damage.torn:
+        raise CorruptLogError(segment_name(first), damage.offset, damage.reason)
+    return result, damage
+
+
+def survey(fs: OsFs, directory: str, tail_check: TailCheck = read_tail) -> Survey:
+    """Check a log as open does: META, CHECKPOINT, every segment header and the chain they
+    form, the newest segment's records (``tail_check``: read-only by default; recovery's
+    cuts a torn tail). Raises CorruptLogError exactly where open would; a torn tail is
+    returned, not raised.
+
+    Sealed segments' records are not read: that is verify's (and the reader's) job."""
     firsts = list_segments(fs, directory)
-    # Only a new log gets an id: segments without META mean damage, and a fresh id would
-    # make every one of them fail validation for good.
-    wal_id = load_meta(fs, directory, create=not firsts)
+    wal_id = load_meta(fs, directory, create=False)
     lwm = read_checkpoint(fs, directory)
     if not firsts:
-        if lwm:
-            raise CorruptLogError(CHECKPOINT, 0, f"low water mark {lwm} but no segment exists")
-        fd, salt = create_segment(
-            fs, directory, 0, NO_PREVIOUS, wal_id, opts.segment_bytes, opts.preallocate
-        )
-        fs.close(fd)
-        return WriteState(0, salt, INTENT_NONE, SEGMENT_HEADER_SIZE, 0, 0, 0), wal_id, 0
+        raise CorruptLogError(META, 0, "no segment: is this a walstore directory?")
     headers = check_chain(fs, directory, firsts, wal_id)
     if firsts[0] > lwm:
         raise CorruptLogError(
@@ -91,55 +113,81 @@ def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes,
         )
     newest = firsts[-1]
     salt = headers[newest].salt
-    result = recover_tail(fs, directory, newest, salt)
+    tail, damage = tail_check(fs, directory, newest, salt)
+    if tail.next_lsn < lwm:
+        raise CorruptLogError(
+            segment_name(newest),
+            tail.end,
+            f"log ends at LSN {tail.next_lsn}, below the low water mark {lwm}",
+        )
+    sealed = sum(fs.size(segment_path(directory, f)) for f in firsts[:-1])
+    return Survey(wal_id, firsts, lwm, salt, tail, damage, sealed)
+
+
+def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes, int]:
+    """Recover the log; returns (write state, WAL id, low water mark)."""
+    remove_temp_files(fs, directory)
+    if not list_segments(fs, directory):
+        # Only a new log gets an id: segments without META mean damage, and a fresh id
+        # would make every one of them fail validation for good.
+        wal_id = load_meta(fs, directory, create=True)
+        lwm = read_checkpoint(fs, directory)
+        if lwm:
+            raise CorruptLogError(CHECKPOINT, 0, f"low water mark {lwm} but no segment exists")
+        fd, salt = create_segment(
+            fs, directory, 0, NO_PREVIOUS, wal_id, opts.segment_bytes, opts.preallocate
+        )
+        fs.close(fd)
+        return WriteState(0, salt, INTENT_NONE, SEGMENT_HEADER_SIZE, 0, 0, 0), wal_id, 0
+    found = survey(fs, directory, cut_tail)
     # The crashed process may have renamed or unlinked files (a new segment, CHECKPOINT,
     # a prune) and died before its directory fsync: make the directory as we found it
     # durable before anything in it counts as below the high water mark.
     fs.fsync_dir(directory)
-    if result.next_lsn < lwm:
-        raise CorruptLogError(
-            segment_name(newest),
-            result.end,
-            f"log ends at LSN {result.next_lsn}, below the low water mark {lwm}",
-        )
-    sealed = sum(fs.size(segment_path(directory, f)) for f in firsts[:-1])
-    state = WriteState(newest, salt, INTENT_NONE, result.end, result.next_lsn, sealed, 0)
-    return state, wal_id, lwm
+    end, next_lsn = found.tail.end, found.tail.next_lsn
+    state = WriteState(found.firsts[-1], found.salt, INTENT_NONE, end, next_lsn,
+                       found.sealed_bytes, 0)  # fmt: skip
+    return state, found.wal_id, found.lwm
 
 
 def recover_tail(fs: OsFs, directory: str, first: int, salt: int) -> ScanResult:
     """Scan the newest segment; cut a torn tail (after copying it aside); fsync.
 
     Raises CorruptLogError if a bad record is followed by a valid one."""
+    return cut_tail(fs, directory, first, salt)[0]
+
+
+def cut_tail(fs: OsFs, directory: str, first: int, salt: int) -> tuple[ScanResult, Damage | None]:
+    """``recover_tail``, also returning the torn tail it cut (None if there was none)."""
     name = segment_name(first)
     fd = fs.open(segment_path(directory, first), os.O_RDWR)
     try:
         buf = fs.pread(fd, fs.fsize(fd), 0)
-        result = scan(buf, SEGMENT_HEADER_SIZE, salt, first)
-        stop = result.stop
-        if stop is not None and not stop.zero:
-            found = find_valid_after(buf, stop.offset, salt, result.next_lsn)
-            if found is not None:
-                raise CorruptLogError(
-                    name,
-                    stop.offset,
-                    f"{stop.reason}; a valid record (LSN {found[1]}) follows at offset "
-                    f"{found[0]}, so this is not a torn tail",
-                )
-            cut_end = last_nonzero_end(buf, stop.offset)
-            _save_torn(fs, directory, name, stop.offset, buf[stop.offset : cut_end])
+        result, damage = examine(buf, salt, first, newest=True)
+        if damage is not None:
+            if not damage.torn:
+                raise CorruptLogError(name, damage.offset, damage.reason)
+            cut_end = last_nonzero_end(buf, damage.offset)
+            _save_torn(fs, directory, name, damage.offset, buf[damage.offset : cut_end])
             # Zeros rather than ftruncate: the segment stays preallocated.
-            fs.pwrite(fd, bytes(cut_end - stop.offset), stop.offset)
+            fs.pwrite(fd, bytes(cut_end - damage.offset), damage.offset)
         # What we scanned may have been only in the page cache (a process crash, not a
         # power cut): make it durable before it counts as below the high water mark.
         fs.fdatasync(fd)
-        return result
+        return result, damage
     finally:
         fs.close(fd)
 
 
 def _save_torn(fs: OsFs, directory: str, name: str, offset: int, data: bytes) -> None:
+    """Copy a torn tail aside before it is cut, under a name no other cut reuses (the
+    recovering process is alone, so the first free name stays free)."""
     torn = os.path.join(directory, TORN_DIR)
-    os.makedirs(torn, mode=0o700, exist_ok=True)
+    make_private_dirs(torn)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    fs.write_file_atomic(torn, f"{name}-{offset}-{stamp}.bin", data)
+    base = f"{name}-{offset}-{stamp}"
+    for n in itertools.count():
+        file = f"{base}.bin" if n == 0 else f"{base}-{n}.bin"
+        if not fs.exists(os.path.join(torn, file)):
+            fs.write_file_atomic(torn, file, data)
+            return

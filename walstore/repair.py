@@ -9,26 +9,38 @@ to ``repair-<time>/`` in the log directory.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 
+from .attach import SHM, AttachLock
 from .errors import CorruptLogError, LogBusyError
 from .format import (
+    FORMAT_VERSION,
     NO_PREVIOUS,
+    RECORD_HEADER,
     SEGMENT_HEADER_SIZE,
     TYPE_LOST,
+    VALID_TYPES,
     pack_record,
     pack_segment_header,
     segment_name,
     unpack_segment_header,
 )
-from .fs import OsFs
-from .recovery import load_meta, read_checkpoint, remove_temp_files, write_checkpoint
+from .fs import OsFs, check_private_dir
+from .recovery import (
+    META,
+    load_meta,
+    read_checkpoint,
+    remove_temp_files,
+    write_checkpoint,
+)
 from .scan import check_record, find_valid_after
 from .segments import list_segments, segment_path
-from .shm import AttachLock
+from .shm import SharedState
 
 
 @dataclass
@@ -37,6 +49,8 @@ class RepairReport:
     rewritten: list[str] = field(default_factory=list)
     cut_bytes: int = 0
     backup_dir: str | None = None
+    meta_rebuilt: str | None = None  # the WAL id META was rebuilt with (from the headers)
+    lwm_lowered: tuple[int, int] | None = None  # (from, to): entries to be delivered again
 
     @property
     def changed(self) -> bool:
@@ -54,21 +68,43 @@ class _Salvage:
 
 
 def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
+    """Repair the log in ``directory``; it must not be open anywhere (LogBusyError).
+
+    Holds the log exclusively while it runs, and marks the shared state so that a
+    process opening the log meanwhile is refused at once (see walstore.attach); the
+    shared state is left invalid, so the next open recovers from what repair wrote."""
     fs = fs or OsFs()
-    lock = AttachLock(os.path.join(directory, "LOCK"))
+    check_private_dir(directory)
+    if not fs.exists(os.path.join(directory, META)) and not list_segments(fs, directory):
+        raise CorruptLogError(
+            META, 0, "META is missing, and no segment header names the log's id: is this a "
+            "walstore directory?"
+        )  # fmt: skip
+    lock = AttachLock(directory)
     try:
         if not lock.try_exclusive():
             raise LogBusyError(f"{directory} is open in another process: stop it, then repair")
-        return _repair(fs, directory)
+        shm = SharedState(os.path.join(directory, SHM))
+        try:
+            shm.mark_repairing(os.getpid())
+            return _repair(fs, directory)
+        finally:
+            shm.invalidate()
+            shm.close()
     finally:
         lock.close()
 
 
 def _repair(fs: OsFs, directory: str) -> RepairReport:
     remove_temp_files(fs, directory)
-    wal_id = load_meta(fs, directory, create=False)
     firsts = list_segments(fs, directory)
     report = RepairReport()
+    try:
+        wal_id = load_meta(fs, directory, create=False)
+    except CorruptLogError as exc:
+        if exc.segment != META:
+            raise
+        wal_id = _rebuild_meta(fs, directory, firsts, exc.reason, report)
     plan: list[_Salvage] = []
     expected = firsts[0] if firsts else 0
     for i, first in enumerate(firsts):
@@ -92,6 +128,44 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
     fs.fsync_dir(directory)
     _repair_checkpoint(fs, directory, firsts[0] if firsts else 0, expected, report)
     return report
+
+
+def _rebuild_meta(
+    fs: OsFs, directory: str, firsts: list[int], problem: str, report: RepairReport
+) -> bytes:
+    """Write META again with the WAL id every segment header carries.
+
+    The low water mark is then lowered to the first LSN on disk: whatever damaged META
+    may have hit CHECKPOINT's history too, and delivering entries again is safe (they
+    are idempotent) where skipping one is not."""
+    ids: set[bytes] = set()
+    for first in firsts:
+        raw = fs.read_file(segment_path(directory, first))[:SEGMENT_HEADER_SIZE]
+        try:
+            ids.add(unpack_segment_header(raw).wal_id)
+        except ValueError:
+            continue  # a damaged header: the others tell
+    if len(ids) > 1:
+        raise CorruptLogError(
+            META, 0, f"{problem}, and the segments name {len(ids)} different WAL ids: "
+            "repair cannot tell which log this is; move the segments of the other log away"
+        )  # fmt: skip
+    if not ids:  # not even a segment: maybe not a log at all; nothing to guess from
+        raise CorruptLogError(META, 0, f"{problem}, and no segment header names the log's id")
+    wal_id = ids.pop()
+    meta = {"format": FORMAT_VERSION, "wal_id": wal_id.hex()}
+    fs.write_file_atomic(directory, META, json.dumps(meta).encode())
+    report.rewritten.append(META)
+    report.meta_rebuilt = wal_id.hex()
+    try:
+        lwm = read_checkpoint(fs, directory)
+    except CorruptLogError:
+        lwm = None  # _repair_checkpoint resets it to the first LSN and says so
+    if lwm is not None and lwm > firsts[0]:
+        write_checkpoint(fs, directory, firsts[0])
+        report.rewritten.append("CHECKPOINT")
+        report.lwm_lowered = (lwm, firsts[0])
+    return wal_id
 
 
 def _repair_checkpoint(
@@ -136,10 +210,13 @@ def _salvage(
         if header.first_lsn != first or header.wal_id != wal_id:
             raise ValueError("header does not match")
     except ValueError:
-        if nxt is None:  # the newest: its records are unknowable; start it afresh
-            return _Salvage(first, [], first, True)
-        report.lost.append((first, nxt))
-        return _Salvage(first, _lost(first, nxt), nxt, True)
+        # Without the salt no record verifies. The newest segment's end is not named by a
+        # next segment: follow the records' framing (unverified) to find how many LSNs it
+        # used, so that none is handed out again.
+        end = nxt if nxt is not None else _framed_end(buf, first)
+        if end > first:
+            report.lost.append((first, end))
+        return _Salvage(first, _lost(first, end), end, True)
     records: list[tuple[int, int, bytes]] = []
     pos, lsn, damaged = SEGMENT_HEADER_SIZE, first, False
     while pos < len(buf):
@@ -169,12 +246,39 @@ def _salvage(
     return _Salvage(first, records, lsn, damaged)
 
 
+def _new_backup_dir(directory: str) -> str:
+    """A directory of its own for this repair's originals (mkdir fails if it exists: two
+    repairs in the same second must not share one)."""
+    base = os.path.join(directory, time.strftime("repair-%Y%m%dT%H%M%S"))
+    for n in itertools.count():
+        path = base if n == 0 else f"{base}-{n}"
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # whatever the umask
+        return path
+    raise AssertionError("unreachable")
+
+
+def _framed_end(buf: bytes, first: int) -> int:
+    """The LSN after the last record whose header frames (length, LSN in sequence, type)
+    without checking checksums: an upper bound of the LSNs a segment used."""
+    pos, lsn = SEGMENT_HEADER_SIZE, first
+    while pos + RECORD_HEADER.size <= len(buf):
+        _crc, length, rlsn, rtype = RECORD_HEADER.unpack_from(buf, pos)
+        end = pos + RECORD_HEADER.size + length
+        if rlsn != lsn or rtype not in VALID_TYPES or end > len(buf):
+            break
+        pos, lsn = end, lsn + 1
+    return lsn
+
+
 def _rewrite(
     fs: OsFs, directory: str, item: _Salvage, prev: int, wal_id: bytes, report: RepairReport
 ) -> None:
     if report.backup_dir is None:
-        report.backup_dir = os.path.join(directory, time.strftime("repair-%Y%m%dT%H%M%S"))
-        os.makedirs(report.backup_dir, mode=0o700, exist_ok=True)
+        report.backup_dir = _new_backup_dir(directory)
     path = segment_path(directory, item.first)
     if fs.exists(path):
         shutil.copy2(path, os.path.join(report.backup_dir, segment_name(item.first)))

@@ -11,6 +11,7 @@ from .format import (
     MAX_RECORD_BYTES,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
     TYPE_DATA,
     VALID_TYPES,
     crc,
@@ -120,3 +121,38 @@ def find_valid_after(buf: bytes, start: int, salt: int, min_lsn: int) -> tuple[i
         if crc(memoryview(buf)[pos + 4 : end], salt) == stored:
             return pos, rlsn
     return None
+
+
+class Damage(NamedTuple):
+    """Why a segment's records stop before its data does."""
+
+    offset: int
+    reason: str
+    torn: bool  # a torn tail of the newest segment: open cuts it; anything else is corruption
+
+
+def examine(
+    buf: bytes, salt: int, first_lsn: int, newest: bool
+) -> tuple[ScanResult, Damage | None]:
+    """Scan a whole segment and judge where its records stop: the one verdict that open,
+    status, dump, verify and repair all give on the same bytes.
+
+    Only the newest segment may end early: in zeros (its preallocated end), or in a torn
+    tail, that is a bad record with nothing valid after it (searched for byte by byte
+    with this segment's salt, so a valid record behind a hole is found wherever it
+    starts). A bad record followed by a valid one is corruption, as is any early end of a
+    sealed segment."""
+    result = scan(buf, SEGMENT_HEADER_SIZE, salt, first_lsn)
+    stop = result.stop
+    if stop is None or (newest and stop.zero):
+        return result, None
+    if not newest:
+        return result, Damage(stop.offset, stop.reason, torn=False)
+    found = find_valid_after(buf, stop.offset, salt, result.next_lsn)
+    if found is None:
+        return result, Damage(stop.offset, stop.reason, torn=True)
+    reason = (
+        f"{stop.reason}; a valid record (LSN {found[1]}) follows at offset {found[0]}, "
+        "so this is not a torn tail"
+    )
+    return result, Damage(stop.offset, reason, torn=False)

@@ -28,16 +28,26 @@ from types import TracebackType
 from typing import NamedTuple
 
 from .format import crc
+from .fs import open_private
 
 SHM_SIZE = 4096
-_MAGIC = b"WALSHM\x00\x01"
+# Version 2: identities of the shared files (see walstore.attach). A process of the
+# previous release finds the magic unknown and does not attach.
+_MAGIC = b"WALSHM\x00\x02"
+_REPAIR_MAGIC = b"WALRPR\x00\x02"  # walstore repair runs; the generation field is its pid
 _HEAD = struct.Struct("<8sQ")  # magic, generation
 _WRITE = struct.Struct("<QIIQQQQI")  # +crc
 _WRITE_OFF = 64
 _SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
+_SYNCED, _POISONED = struct.Struct("<Q"), struct.Struct("<I")  # its fields, written apart
 _SYNC_OFF = 192
 _SEQ = struct.Struct("<Q")  # flush sequence number: picks the commit gate (CommitGate)
 _SEQ_OFF = 256
+
+_IDS_OFF = 320  # the identities of the shared files: count, then (st_dev, st_ino) each
+_IDS_COUNT = struct.Struct("<I")
+_ID = struct.Struct("<QQ")
+_MAX_IDS = 32
 
 INTENT_NONE = 0
 INTENT_APPEND = 1  # bytes [offset, pending_end) may hold a partial write of a dead process
@@ -58,30 +68,87 @@ class TornStateError(Exception):
     """The write region failed its checksum: a process died while updating it."""
 
 
+def file_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def repairing_pid(path: str) -> int | None:
+    """The pid of a ``walstore repair`` running on the log whose shared state is at
+    ``path``, or None (none marked, or the one marked is dead)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        magic, pid = _HEAD.unpack(os.pread(fd, _HEAD.size, 0).ljust(_HEAD.size, b"\0"))
+    finally:
+        os.close(fd)
+    if magic != _REPAIR_MAGIC or not 0 < pid < 2**31:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, someone else's
+    return int(pid)
+
+
 class SharedState:
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self._fd).st_size < SHM_SIZE:
-            os.ftruncate(self._fd, SHM_SIZE)
-        self._mm = mmap.mmap(self._fd, SHM_SIZE)
+        self._fd = open_private(path, os.O_RDWR | os.O_CREAT)
+        try:
+            if os.fstat(self._fd).st_size < SHM_SIZE:
+                os.ftruncate(self._fd, SHM_SIZE)
+            self._mm = mmap.mmap(self._fd, SHM_SIZE)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def close(self) -> None:
         self._mm.close()
         os.close(self._fd)
 
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the file this process mapped."""
+        return file_identity(self._fd)
+
     # -- whole-state lifecycle (only under the exclusive attach lock) --
-    def initialise(self, state: WriteState, synced_lsn: int) -> None:
+    def initialise(
+        self, state: WriteState, synced_lsn: int, identities: list[tuple[int, int]]
+    ) -> None:
+        """A fresh state, built from disk by recovery. ``identities``: the (device,
+        inode) of this file and of every lock file the recovering process opened; a
+        process attaches only if its own files are these (see walstore.attach)."""
+        if len(identities) > _MAX_IDS:
+            raise ValueError(f"at most {_MAX_IDS} shared files")
         self._mm[:SHM_SIZE] = bytes(SHM_SIZE)
         self.set_write(state)
-        self.set_sync(synced_lsn, poisoned=False)
+        _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, 0)
+        _IDS_COUNT.pack_into(self._mm, _IDS_OFF, len(identities))
+        for i, ident in enumerate(identities):
+            _ID.pack_into(self._mm, _IDS_OFF + _IDS_COUNT.size + i * _ID.size, *ident)
         _HEAD.pack_into(self._mm, 0, _MAGIC, int.from_bytes(os.urandom(8), "little"))
 
     def invalidate(self) -> None:
         _HEAD.pack_into(self._mm, 0, b"\0" * 8, 0)
 
+    def mark_repairing(self, pid: int) -> None:
+        """``walstore repair`` (holding the log exclusively) tells openers to go away."""
+        _HEAD.pack_into(self._mm, 0, _REPAIR_MAGIC, pid)
+
     def is_valid(self) -> bool:
         magic, _gen = _HEAD.unpack_from(self._mm, 0)
         return bool(magic == _MAGIC)
+
+    def identities(self) -> list[tuple[int, int]]:
+        (count,) = _IDS_COUNT.unpack_from(self._mm, _IDS_OFF)
+        base = _IDS_OFF + _IDS_COUNT.size
+        return [
+            tuple(_ID.unpack_from(self._mm, base + i * _ID.size))
+            for i in range(min(count, _MAX_IDS))
+        ]
 
     # -- write region --
     def write_state(self) -> WriteState:
@@ -116,8 +183,14 @@ class SharedState:
     def poisoned(self) -> bool:
         return bool(_SYNC.unpack_from(self._mm, _SYNC_OFF)[1])
 
-    def set_sync(self, synced_lsn: int, poisoned: bool) -> None:
-        _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, int(poisoned))
+    def set_synced(self, synced_lsn: int) -> None:
+        """Publish the high water mark (flush leader only). Never touches the poisoned
+        flag, which another process may set at any moment."""
+        _SYNCED.pack_into(self._mm, _SYNC_OFF, synced_lsn)
+
+    def set_poisoned(self) -> None:
+        """Poison the log for every process; only ``initialise`` (recovery) clears it."""
+        _POISONED.pack_into(self._mm, _SYNC_OFF + _SYNCED.size, 1)
 
     # -- flush sequence (written by the flush leader only; any value is safe) --
     def flush_seq(self) -> int:
@@ -132,7 +205,7 @@ class FileLock:
     that share the descriptor."""
 
     def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = open_private(path, os.O_RDWR | os.O_CREAT)
         self._thread = threading.Lock()
 
     def acquire(self, blocking: bool = True) -> bool:
@@ -161,6 +234,9 @@ class FileLock:
     ) -> None:
         self.release()
 
+    def identity(self) -> tuple[int, int]:
+        return file_identity(self._fd)
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -182,8 +258,8 @@ class CommitGate:
     """
 
     def __init__(self, lead_path: str, gate_paths: list[str], state: SharedState) -> None:
-        self._lead = os.open(lead_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._gates = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600) for p in gate_paths]
+        self._lead = open_private(lead_path, os.O_RDWR | os.O_CREAT)
+        self._gates = [open_private(p, os.O_RDWR | os.O_CREAT) for p in gate_paths]
         # Waiting uses its own open file description: a shared flock on the leader's
         # descriptor would convert the leader's exclusive lock instead of waiting.
         self._waits = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in gate_paths]
@@ -222,45 +298,10 @@ class CommitGate:
         fcntl.flock(fd, fcntl.LOCK_SH)
         fcntl.flock(fd, fcntl.LOCK_UN)
 
+    def identities(self) -> list[tuple[int, int]]:
+        """(device, inode) of the lead lock, then of each gate."""
+        return [file_identity(fd) for fd in (self._lead, *self._gates)]
+
     def close(self) -> None:
         for fd in (self._lead, *self._gates, *self._waits):
             os.close(fd)
-
-
-class AttachLock:
-    """Shared by every process that has the log open; exclusive while one recovers."""
-
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-    def try_exclusive(self) -> bool:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def shared(self) -> None:
-        # Converting EX -> SH is not atomic (flock(2)); callers re-check the state after.
-        fcntl.flock(self._fd, fcntl.LOCK_SH)
-
-    def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def others_attached(path: str) -> bool:
-    """True if some process has the log at ``path`` (its LOCK file) open right now."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe lock if we got it
-    return False

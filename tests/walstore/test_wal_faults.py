@@ -1,21 +1,29 @@
 """The fault matrix of the log anchors (etcd ``repair_test.go``, RocksDB ``log_test.cc``),
-on-disk half: each case damages a closed log the way a crash or a bad disk would, opens it,
-and asserts exactly which LSNs survive, or which CorruptLogError (segment, offset, reason)
-is raised. Injected I/O errors and kill points are in ``test_wal_io_faults.py``."""
+on-disk half: each case damages a closed log the way a crash or a bad disk would, and
+asserts what EVERY reader makes of the same bytes (``assert_readers``): ``walstore
+verify``, ``status``, ``dump`` (the CLI, and the ``inspect`` functions the metrics and the
+local stack use), then ``Wal.open`` and the pump's ``Reader``: exactly which LSNs survive,
+or which CorruptLogError (segment, offset, reason) is raised. Injected I/O errors and kill
+points are in ``test_wal_io_faults.py``."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import struct
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from walstore import CorruptLogError, Options, SyncPolicy, Wal
+from walstore.cli import main as cli_main
 from walstore.format import RECORD_HEADER, SEGMENT_HEADER_SIZE, unpack_segment_header
-from walstore.inspect import verify
+from walstore.inspect import dump, snapshot, verify
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,6 +132,120 @@ def assert_torn(path: Path, seg: Path, offset: int, cut: bytes) -> None:
     )
 
 
+# ----------------------------------------------------------------- every reader
+@dataclass(frozen=True)
+class Verdict:
+    """What every reader must make of a damaged log.
+
+    ``kind``: "clean" (nothing wrong), "torn" (a torn tail: reported by the read-only
+    commands, cut by open), "refused" (open refuses; so does every read-only command) or
+    "sealed" (damage in a sealed segment's records: open checks headers only and opens;
+    the reader, dump and verify stop at the damage). ``records``: what a reader shows
+    (for "sealed", the records before the damage); ``end``: the next LSN status reports."""
+
+    kind: str
+    records: list[tuple[int, bytes]]
+    end: int = -1
+    segment: str = ""
+    offset: int = 0
+    reason: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"segment {self.segment} offset {self.offset}"
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """``walstore ARGS`` in this process (the code the console script runs)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli_main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def dumped(stdout: str) -> list[tuple[int, bytes]]:
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    return [
+        (d["lsn"], d["payload"].encode() if d["payload"] is not None else bytes.fromhex(
+            d["payload_hex"]))
+        for d in rows
+    ]  # fmt: skip
+
+
+def assert_readers(path: Path, v: Verdict) -> None:
+    """Every reader gives verdict ``v`` on the bytes in ``path``. The read-only ones run
+    first and must change nothing; then open and the reader (open may cut a torn tail)."""
+    before = {k: b for k, b in files(path).items() if k != "shm"}
+    end = v.end if v.end >= 0 else (v.records[-1][0] + 1 if v.records else 0)
+    fatal = v.kind in ("refused", "sealed")
+
+    report = verify(str(path))
+    code, _out, err = run_cli("verify", str(path))
+    problems = [(p.segment, p.offset, p.fatal) for p in report.problems]
+    if v.kind == "clean":
+        assert (report.ok, problems, code) == (True, [], 0), (problems, err)
+    elif v.kind == "torn":
+        assert (report.ok, problems, code) == (True, [(v.segment, v.offset, False)], 0)
+        assert v.where in err and "torn tail" in err, err
+    else:
+        assert (report.ok, problems[0], code) == (False, (v.segment, v.offset, True), 1)
+        assert v.where in err, err
+
+    code, out, err = run_cli("status", str(path), "--json")
+    if v.kind == "refused":
+        assert code == 2 and out == "" and v.where in err, (code, out, err)
+        with pytest.raises(CorruptLogError) as info:
+            snapshot(str(path))
+        assert (info.value.segment, info.value.offset) == (v.segment, v.offset)
+        assert info.value.reason.startswith(v.reason), info.value.reason
+    else:
+        doc = json.loads(out)
+        assert code == 0 and (doc["next_lsn"], doc["high_water_mark"]) == (end, end), (doc, err)
+        assert snapshot(str(path)).next_lsn == end
+        if v.kind == "torn":
+            assert v.where in err and "torn tail" in err, err
+        else:
+            assert err == ""
+
+    code, out, err = run_cli("dump", str(path), "--json")
+    if fatal:
+        assert code == 2 and v.where in err, (code, err)
+        assert dumped(out) == (v.records if v.kind == "sealed" else [])
+        with pytest.raises(CorruptLogError) as info:
+            list(dump(str(path)))
+        assert (info.value.segment, info.value.offset) == (v.segment, v.offset)
+    else:
+        assert code == 0 and dumped(out) == v.records, (code, err)
+        assert list(dump(str(path))) == v.records
+        assert (v.where in err and "torn tail" in err) if v.kind == "torn" else err == ""
+
+    assert {k: b for k, b in files(path).items() if k != "shm"} == before, "a reader wrote"
+    assert torn_files(path) == []
+
+    if v.kind == "refused":
+        assert_refused(path, v.segment, v.offset, v.reason)
+        return
+    with Wal.open(path, opts()) as wal:
+        assert wal.next_lsn() == wal.high_water_mark() == end
+        reader, got = wal.reader(wal.first_lsn()), []
+        try:
+            if v.kind == "sealed":
+                with pytest.raises(CorruptLogError) as info:
+                    for _ in range(1000):
+                        got += reader.read(7)
+                assert (info.value.segment, info.value.offset) == (v.segment, v.offset)
+                assert info.value.reason.startswith(v.reason), info.value.reason
+            else:
+                for _ in range(1000):
+                    batch = reader.read(7)
+                    if not batch:
+                        break
+                    got += batch
+        finally:
+            reader.close()
+        assert got == v.records
+
+
 # ----------------------------------------------------------------- torn last record
 @pytest.mark.parametrize("preallocate", [False, True], ids=["file-cut", "tail-zeroed"])
 def test_last_record_torn_at_every_byte_offset(tmp_path: Path, preallocate: bool) -> None:
@@ -141,11 +263,16 @@ def test_last_record_torn_at_every_byte_offset(tmp_path: Path, preallocate: bool
             patch(damaged, cut, bytes(end - cut))
         else:  # the file ends at ``cut``
             os.truncate(damaged, cut)
+        kept = original[start:cut].rstrip(b"\0")
+        if kept:
+            verdict = Verdict("torn", expected(pays, 99), segment=seg.name, offset=start)
+        else:
+            verdict = Verdict("clean", expected(pays, 99))
+        assert_readers(case, verdict)
         with Wal.open(case, opts(preallocate=preallocate)) as wal:
             assert read_all(wal) == expected(pays, 99), f"cut at {cut}"
             assert wal.next_lsn() == wal.high_water_mark() == 99
             assert wal.append(b"again") == 99
-        kept = original[start:cut].rstrip(b"\0")
         if kept:
             assert_torn(case, damaged, start, kept)
         else:
@@ -163,6 +290,7 @@ def test_zeroed_sector_in_the_tail_is_cut(tmp_path: Path) -> None:
     lsn, start, _end = next(r for r in layout(seg) if r[2] > sector)
     original = seg.read_bytes()
     patch(seg, sector, bytes(512))
+    assert_readers(tmp_path, Verdict("torn", expected(pays, lsn), segment=seg.name, offset=start))
     assert survivors(tmp_path) == expected(pays, lsn)
     assert_torn(tmp_path, seg, start, original[start:sector])
     assert seg.read_bytes()[start:] == bytes(SEG - start)  # cut back to zeros
@@ -175,6 +303,7 @@ def test_zeroed_sector_in_the_middle_of_the_active_segment_refuses_open(tmp_path
     _lsn, start, _end = next(r for r in records if r[2] > 512)
     next_lsn, next_start, _ = next(r for r in records if r[1] >= 1024)
     patch(seg, 512, bytes(512))
+    assert_readers(tmp_path, Verdict("refused", [], 0, seg.name, start, "record checksum mismatch"))
     err = assert_refused(tmp_path, seg.name, start, "record checksum mismatch")
     assert f"a valid record (LSN {next_lsn}) follows at offset {next_start}" in err.reason
     report = verify(str(tmp_path))
@@ -188,6 +317,9 @@ def test_zeroed_sector_in_a_sealed_segment_is_found_by_readers(tmp_path: Path) -
     first = segs(tmp_path)[0]
     lsn, start, _end = next(r for r in layout(first) if r[2] > 512)
     patch(first, 512, bytes(512))
+    assert_readers(
+        tmp_path, Verdict("sealed", expected(pays, lsn), 60, first.name, start, "record")
+    )
     with Wal.open(tmp_path, opts()) as wal:
         reader = wal.reader(0)
         got = []
@@ -199,6 +331,35 @@ def test_zeroed_sector_in_a_sealed_segment_is_found_by_readers(tmp_path: Path) -
     assert (info.value.segment, info.value.offset) == (first.name, start)
     report = verify(str(tmp_path))
     assert [(p.segment, p.offset, p.fatal) for p in report.problems] == [(first.name, start, True)]
+
+
+def test_hole_in_the_newest_of_several_segments_is_corruption_for_every_reader(
+    tmp_path: Path,
+) -> None:
+    """The review's case: 512 zeroed bytes in the middle of the newest segment, valid
+    records after them. No reader may present the records before the hole as the log."""
+    build(tmp_path, 80)  # three segments
+    seg = segs(tmp_path)[-1]
+    records = layout(seg)
+    assert len(segs(tmp_path)) == 3 and len(records) > 8
+    _lsn, start, _end = next(r for r in records if r[2] > 600)
+    next_lsn, next_start, _ = next(r for r in records if r[1] >= 1112)
+    patch(seg, 600, bytes(512))
+    assert_readers(tmp_path, Verdict("refused", [], 0, seg.name, start, "record checksum mismatch"))
+    err = assert_refused(tmp_path, seg.name, start, "record checksum mismatch")
+    assert f"a valid record (LSN {next_lsn}) follows at offset {next_start}" in err.reason
+
+
+def test_zeroed_records_at_a_record_boundary_of_a_sealed_segment(tmp_path: Path) -> None:
+    """Zeros where a record header should be look like the end of the data: in a sealed
+    segment that is damage, named at its offset (not at offset 0)."""
+    pays = build(tmp_path, 60)
+    first = segs(tmp_path)[0]
+    lsn, start, _ = layout(first)[5]
+    _, _, end = layout(first)[6]
+    patch(first, start, bytes(end - start))  # records 5 and 6 zeroed
+    reason = f"LSN 0 where {lsn} was expected"
+    assert_readers(tmp_path, Verdict("sealed", expected(pays, lsn), 60, first.name, start, reason))
 
 
 # ----------------------------------------------------------------- flipped bits
@@ -219,6 +380,7 @@ def test_bit_flip_in_the_tail_record_is_cut(tmp_path: Path, field: str) -> None:
     where, bit = FIELDS[field]
     flip(seg, start + where, bit)
     damaged = seg.read_bytes()[start:end]
+    assert_readers(tmp_path, Verdict("torn", expected(pays, lsn), segment=seg.name, offset=start))
     assert survivors(tmp_path) == expected(pays, lsn)
     assert_torn(tmp_path, seg, start, damaged)
 
@@ -238,6 +400,7 @@ def test_bit_flip_mid_active_segment_refuses_open(tmp_path: Path, field: str) ->
         "type": "unknown record type 5",
         "payload": "record checksum mismatch",
     }[field]
+    assert_readers(tmp_path, Verdict("refused", [], 0, seg.name, start, reason))
     err = assert_refused(tmp_path, seg.name, start, reason)
     assert f"a valid record (LSN {lsn + 1}) follows at offset {records[4][1]}" in err.reason
 
@@ -247,6 +410,10 @@ def test_bit_flip_in_a_sealed_segment_is_found_by_readers(tmp_path: Path) -> Non
     first = segs(tmp_path)[0]
     lsn, start, _end = layout(first)[10]
     flip(first, start + 50)
+    assert_readers(
+        tmp_path,
+        Verdict("sealed", expected(pays, lsn), 60, first.name, start, "record checksum mismatch"),
+    )
     with Wal.open(tmp_path, opts()) as wal:
         reader = wal.reader(0)
         assert reader.read(lsn) == expected(pays, lsn)  # below the damage: fine
@@ -254,7 +421,7 @@ def test_bit_flip_in_a_sealed_segment_is_found_by_readers(tmp_path: Path) -> Non
         with pytest.raises(CorruptLogError) as info:
             list(wal.iter_from(lsn))
     assert (info.value.segment, info.value.offset) == (first.name, start)
-    assert "failed verification" in info.value.reason
+    assert info.value.reason == "record checksum mismatch"
     assert not verify(str(tmp_path)).ok
 
 
@@ -262,6 +429,9 @@ def test_bit_flip_in_a_segment_header_refuses_open(tmp_path: Path) -> None:
     build(tmp_path, 60)
     first = segs(tmp_path)[0]
     flip(first, 20)  # inside the first-LSN field
+    assert_readers(
+        tmp_path, Verdict("refused", [], 0, first.name, 0, "segment header checksum mismatch")
+    )
     assert_refused(tmp_path, first.name, 0, "segment header checksum mismatch")
 
 
@@ -272,6 +442,7 @@ def test_garbage_after_the_last_record_is_cut(tmp_path: Path) -> None:
     _lsn, _start, end = layout(seg)[-1]
     garbage = bytes(range(1, 200))
     patch(seg, end, garbage)
+    assert_readers(tmp_path, Verdict("torn", expected(pays, 10), segment=seg.name, offset=end))
     assert survivors(tmp_path) == expected(pays, 10)
     assert_torn(tmp_path, seg, end, garbage)
 
@@ -285,6 +456,7 @@ def test_bad_length_at_the_end_is_cut(tmp_path: Path, length: int) -> None:
     _lsn, _start, end = layout(seg)[-1]
     header = RECORD_HEADER.pack(0x12345678, length, 10, 1)  # the expected next LSN
     patch(seg, end, header)
+    assert_readers(tmp_path, Verdict("torn", expected(pays, 10), segment=seg.name, offset=end))
     assert survivors(tmp_path) == expected(pays, 10)
     assert_torn(tmp_path, seg, end, header.rstrip(b"\0"))
     with Wal.open(tmp_path, opts()) as wal:
@@ -297,9 +469,9 @@ def test_bad_length_in_the_middle_refuses_open(tmp_path: Path) -> None:
     records = layout(seg)
     _lsn, start, _end = records[4]
     patch(seg, start + 4, struct.pack("<I", 2**31))
-    err = assert_refused(
-        tmp_path, seg.name, start, f"record length {2**31} exceeds the limit {64 * 1024 * 1024}"
-    )
+    reason = f"record length {2**31} exceeds the limit {64 * 1024 * 1024}"
+    assert_readers(tmp_path, Verdict("refused", [], 0, seg.name, start, reason))
+    err = assert_refused(tmp_path, seg.name, start, reason)
     assert f"(LSN 5) follows at offset {records[5][1]}" in err.reason
 
 
@@ -309,24 +481,24 @@ def test_missing_middle_segment_refuses_open(tmp_path: Path) -> None:
     names = [p.name for p in segs(tmp_path)]
     assert len(names) >= 4
     (tmp_path / names[1]).unlink()
-    assert_refused(
-        tmp_path,
-        names[2],
-        0,
-        f"gap in the segment sequence: previous segment is {names[1]}, found {names[0]}",
-    )
+    reason = f"gap in the segment sequence: previous segment is {names[1]}, found {names[0]}"
+    assert_readers(tmp_path, Verdict("refused", [], 0, names[2], 0, reason))
+    assert_refused(tmp_path, names[2], 0, reason)
 
 
 def test_missing_first_segment_refuses_open(tmp_path: Path) -> None:
     build(tmp_path, 70)
     names = [p.name for p in segs(tmp_path)]
     (tmp_path / names[0]).unlink()
-    assert_refused(tmp_path, names[1], 0, "segments before it are missing (low water mark 0)")
+    reason = "segments before it are missing (low water mark 0)"
+    assert_readers(tmp_path, Verdict("refused", [], 0, names[1], 0, reason))
+    assert_refused(tmp_path, names[1], 0, reason)
 
 
 def test_missing_meta_refuses_open_and_keeps_the_log(tmp_path: Path) -> None:
     build(tmp_path, 5)
     (tmp_path / "META").unlink()
+    assert_readers(tmp_path, Verdict("refused", [], 0, "META", 0, "META is missing"))
     assert_refused(tmp_path, "META", 0, "META is missing")
     assert not (tmp_path / "META").exists()
 
@@ -336,7 +508,9 @@ def test_corrupt_checkpoint_refuses_open(tmp_path: Path) -> None:
     with Wal.open(tmp_path, opts()) as wal:
         wal.set_low_water_mark(40)
     flip(tmp_path / "CHECKPOINT", 2)
-    assert_refused(tmp_path, "CHECKPOINT", 0, "checkpoint checksum mismatch")
+    reason = "checkpoint checksum mismatch"
+    assert_readers(tmp_path, Verdict("refused", [], 0, "CHECKPOINT", 0, reason))
+    assert_refused(tmp_path, "CHECKPOINT", 0, reason)
     flip(tmp_path / "CHECKPOINT", 2)
     assert survivors(tmp_path)[-1] == (69, pays[69])
 
@@ -346,6 +520,7 @@ def test_leftover_temp_files_of_a_crashed_roll_over_are_removed(tmp_path: Path) 
     # What a roll-over killed before its rename leaves: a half-written next segment.
     (tmp_path / "00000000000000000020.seg.tmp").write_bytes(b"WALSEG\0\x01" + bytes(900))
     (tmp_path / "CHECKPOINT.4242.tmp").write_bytes(b"\1" * 16)
+    assert_readers(tmp_path, Verdict("clean", expected(pays, 20)))
     with Wal.open(tmp_path, opts()) as wal:
         assert read_all(wal) == expected(pays, 20)
         assert wal.low_water_mark() == 0
@@ -353,3 +528,101 @@ def test_leftover_temp_files_of_a_crashed_roll_over_are_removed(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
     assert [p.name for p in segs(tmp_path)] == ["00000000000000000000.seg"]
     assert survivors(tmp_path)[-1] == (20, b"next")
+
+
+def test_zeroed_meta_refuses_every_reader_and_repair_rebuilds_it(tmp_path: Path) -> None:
+    pays = build(tmp_path, 100)  # four segments
+    with Wal.open(tmp_path, opts()) as wal:
+        wal_id = wal.wal_id
+        wal.set_low_water_mark(70)  # prunes the first two segments
+        first = wal.first_lsn()
+    assert 0 < first < 70
+    meta = tmp_path / "META"
+    meta.write_bytes(bytes(len(meta.read_bytes())))
+    reason = "unreadable META"
+    assert_readers(tmp_path, Verdict("refused", [], 0, "META", 0, reason))
+
+    code, out, err = run_cli("repair", str(tmp_path))
+    assert code == 0, err
+    assert f"rebuilt META from the segment headers (WAL id {wal_id})" in out
+    assert f"low water mark lowered from 70 to {first}" in out  # conservative: redeliver
+    assert_readers(tmp_path, Verdict("clean", expected(pays, 100)[first:]))
+    with Wal.open(tmp_path, opts()) as wal:
+        assert (wal.wal_id, wal.low_water_mark(), wal.first_lsn()) == (wal_id, first, first)
+        assert wal.append(b"after") == 100
+    assert stat_mode(meta) == 0o600
+
+
+def test_repair_refuses_to_guess_meta_when_segments_disagree(tmp_path: Path) -> None:
+    build(tmp_path / "a", 70)
+    build(tmp_path / "b", 70)
+    newest = segs(tmp_path / "b")[-1]
+    shutil.copy(newest, tmp_path / "a" / newest.name)  # a segment of another log
+    (tmp_path / "a" / "META").write_bytes(b"\0" * 60)
+    code, _out, err = run_cli("repair", str(tmp_path / "a"))
+    assert code == 2
+    assert "segments name 2 different WAL ids" in err
+    assert (tmp_path / "a" / "META").read_bytes() == b"\0" * 60  # nothing guessed
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_repair_never_invents_meta_for_a_directory_without_segments(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a log")
+    code, _out, err = run_cli("repair", str(tmp_path))
+    assert code == 2 and "META is missing" in err and "no segment header" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # nothing created there
+
+
+def test_two_cuts_in_the_same_second_keep_both_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torn/ names carried a 1-second timestamp: a second cut at the same segment and
+    offset in the same second replaced the first copy. The clock is frozen here."""
+    monkeypatch.setattr("time.strftime", lambda *_args: "20240101T000000")
+    pays = build(tmp_path, 10)
+    seg = segs(tmp_path)[0]
+    _lsn, _start, end = layout(seg)[-1]
+    cuts = [b"\x01" * 30, b"\x02" * 40]
+    for garbage in cuts:
+        patch(seg, end, garbage)
+        assert survivors(tmp_path) == expected(pays, 10)
+    torn = torn_files(tmp_path)
+    assert sorted(p.read_bytes() for p in torn) == cuts
+    assert all(p.name.startswith(f"{seg.name}-{end}-") for p in torn)
+
+
+def test_two_repairs_in_the_same_second_keep_both_originals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("time.strftime", lambda *_args: "repair-20240101T000000")
+    build(tmp_path, 70)
+    first = segs(tmp_path)[0]
+    originals = []
+    for record in (3, 7):
+        _lsn, start, _end = layout(first)[record]
+        flip(first, start + 50)
+        originals.append(first.read_bytes())
+        assert run_cli("repair", str(tmp_path))[0] == 0
+    backups = sorted(tmp_path.glob("repair-*"))
+    assert len(backups) == 2
+    assert sorted((b / first.name).read_bytes() for b in backups) == sorted(originals)
+    assert all(stat_mode(b) == 0o700 for b in backups)
+
+
+def test_repair_of_an_unreadable_newest_header_never_reuses_its_lsns(tmp_path: Path) -> None:
+    """Without the header's salt no record of the segment verifies. Repair cannot save
+    them, but it must say so and keep their LSNs used: task ids derive from LSNs, and a
+    new record under an old LSN could be taken for a delivery already made."""
+    build(tmp_path, 50)  # two segments; the newest holds LSNs 34..49
+    newest = segs(tmp_path)[-1]
+    first = int(newest.stem)
+    flip(newest, 20)  # header checksum fails
+    code, out, _err = run_cli("repair", str(tmp_path))
+    assert code == 0
+    assert f"LOST: LSN {first}..49 ({50 - first} records)" in out
+    with Wal.open(tmp_path, opts()) as wal:
+        assert wal.append(b"after") == 50
+        assert [lsn for lsn, _ in wal.iter_from(0)] == [*range(first), 50]

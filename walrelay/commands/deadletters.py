@@ -34,7 +34,7 @@ def deadletters(ctx: click.Context) -> None:
 def list_cmd(ctx: click.Context, as_json: bool = False) -> None:
     """Show the dead letters, oldest entry first."""
     store, _ = _store(ctx)
-    letters = store.list()
+    letters, unreadable = store.scan()
     for letter in letters:
         if as_json:
             click.echo(json.dumps(letter.to_json(), sort_keys=True))
@@ -45,6 +45,10 @@ def list_cmd(ctx: click.Context, as_json: bool = False) -> None:
             for name, info in letter.targets.items()
         )
         click.echo(f"{letter.id}\t{letter.key or '-'}\t{when}\t{targets or letter.reason}")
+    for path, why in unreadable:
+        click.echo(f"unreadable dead letter {path}: {why}", err=True)
+    if unreadable:
+        ctx.exit(1)
     if not letters and not as_json:
         click.echo("no dead letters")
 

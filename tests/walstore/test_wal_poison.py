@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from faultfs import FaultFs
 
+from tests.support.faultfs import FaultFs
 from walstore import LogPoisonedError, Options, SyncPolicy, Wal
 from walstore.fs import OsFs
 

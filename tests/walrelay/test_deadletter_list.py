@@ -9,11 +9,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from celery import Celery
 from click.testing import CliRunner
 
-from tasks.config import Settings
-from tasks.deadletter_cli import deadletters
-from tasks.deadletters import DeadLetter, DeadLetterStore
+from walrelay import Relay
+from walrelay.commands.deadletters import deadletters
+from walrelay.deadletters import DeadLetter, DeadLetterStore
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -29,7 +30,9 @@ def test_one_unreadable_dead_letter_does_not_hide_the_others(tmp_path: Path) -> 
         store.add(letter(lsn))
     bad = tmp_path / "deadletters" / f"{7:020d}.json"
     bad.write_bytes(b'{"lsn": 7, "wal_id": "tr')  # torn
-    obj = SimpleNamespace(app=SimpleNamespace(purchase_settings=Settings(wal_dir=str(tmp_path))))
+    app = Celery("deadletter-list", set_as_current=False)
+    Relay(app, wal_dir=str(tmp_path))
+    obj = SimpleNamespace(app=app)
     for args in (["list"], ["list", "--json"]):
         result = CliRunner().invoke(deadletters, args, obj=obj)
         assert not isinstance(result.exception, Exception), result.exception  # no traceback

@@ -22,13 +22,13 @@ import pytest
 from walstore import Options, Wal
 from walstore.inspect import verify
 
-ATTACHER = Path(__file__).with_name("wal_attacher.py")
+ATTACHER = Path(__file__).resolve().parents[1] / "support" / "wal_attacher.py"
 SECONDS = 4.0
 APPENDERS = 4
 
 
 def spawn(wal_dir: Path, log: Path, ident: str, *extra: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     cmd = [sys.executable, str(ATTACHER), str(wal_dir), str(log), ident, str(SECONDS), *extra]
     return subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
 

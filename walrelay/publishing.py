@@ -2,9 +2,10 @@
 
 A batch refused (``MessageRejectedError``, or any error the publisher did not classify)
 is published again one message at a time, unless the publisher said which messages it
-refused. A message refused alone while others pass is the message's fault: a failed
-attempt for that task. A broker refusing every message proves nothing against any of
-them. ``BrokerUnavailableError`` passes through: that is an outage.
+refused. A refusal is the message's own fault (a failed attempt for its task) when the
+publisher says so (``MessageRejectedError`` naming it, or raised for it alone), or when
+other messages passed meanwhile; an unclassified error on every message proves nothing
+against any of them. ``BrokerUnavailableError`` passes through: that is an outage.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from .errors import BrokerUnavailableError, MessageRejectedError
 @dataclass
 class Outcome:
     accepted: int = 0  # messages published
-    refused: dict[int, str] = field(default_factory=dict)  # position -> why
-    proven: bool = False  # the refusals are the messages' own fault
+    # position -> (why, proven: the message's own fault rather than the broker's)
+    refused: dict[int, tuple[str, bool]] = field(default_factory=dict)
 
 
 def publish(publisher: Publisher, messages: Sequence[TaskMessage]) -> Outcome:
@@ -37,17 +38,25 @@ def _isolate(publisher: Publisher, messages: Sequence[TaskMessage], exc: Excepti
     out = Outcome()
     known = exc.rejected if isinstance(exc, MessageRejectedError) else {}
     if known:
-        out.refused = {j: why for j, why in known.items() if 0 <= j < len(messages)}
+        out.refused = {j: (why, True) for j, why in known.items() if 0 <= j < len(messages)}
         out.accepted = len(messages) - len(out.refused)  # published by the failed call
-    else:
-        for j, msg in enumerate(messages):
-            try:
-                publisher.publish([msg])
-            except BrokerUnavailableError:
-                raise
-            except Exception as alone:
-                out.refused[j] = f"{type(alone).__name__}: {alone}"
-            else:
-                out.accepted += 1
-    out.proven = out.accepted > 0 or (len(messages) == 1 and isinstance(exc, MessageRejectedError))
+        return out
+    if len(messages) == 1:
+        out.refused[0] = (_why(exc), isinstance(exc, MessageRejectedError))
+        return out
+    for j, msg in enumerate(messages):
+        try:
+            publisher.publish([msg])
+        except BrokerUnavailableError:
+            raise
+        except Exception as alone:
+            out.refused[j] = (_why(alone), isinstance(alone, MessageRejectedError))
+        else:
+            out.accepted += 1
+    if out.accepted:
+        out.refused = {j: (why, True) for j, (why, _) in out.refused.items()}
     return out
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, MessageRejectedError) else f"{type(exc).__name__}: {exc}"

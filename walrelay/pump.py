@@ -298,12 +298,12 @@ class Pump:
             self.stats.published += out.accepted
             if resend:
                 self.stats.redelivered += out.accepted
-            for j, why in out.refused.items():
+            for j, (why, proven) in out.refused.items():
                 flight, target = sends[i + j]
                 self.stats.rejected += 1
                 logger.warning("pump: the broker refused task %s of entry %d: %s",
                                target.spec.target, flight.identity, why)  # fmt: skip
-                self.window.refused(flight, target, why, out.proven, now)
+                self.window.refused(flight, target, why, proven, now)
 
     def _resend_everything(self) -> None:
         self._resend_all = False  # before publishing: a failure sets it again

@@ -13,7 +13,7 @@ from walrelay.brokers.stub import MemoryPublisher
 from walrelay.deadletters import DeadLetterStore
 from walrelay.pump import Pump, PumpConfig
 from walrelay.record import Entry, TaskSpec, parse_task_id
-from walstore import Wal
+from walstore import Wal, WalError
 
 WALL_START = 1_700_000_000.0  # the fake wall clock (unix time) when the fake clock is 1000
 
@@ -106,3 +106,25 @@ class Rig:
             for queue in list(self.broker.queues):
                 self.ack(self.take(queue))
             self.steps(2)
+
+
+class FlakyReader:
+    """A reader that, once, reads ahead (moving its position) and then fails: the records
+    it parsed in that call are never returned."""
+
+    def __init__(self, real: Any, fail: list[bool]) -> None:
+        self.real, self.fail = real, fail
+
+    @property
+    def next_lsn(self) -> int:
+        return int(self.real.next_lsn)
+
+    def read(self, max_records: int = 4096, hwm: int | None = None) -> Any:
+        records = self.real.read(max_records, hwm)
+        if records and self.fail:
+            self.fail.pop()
+            raise WalError("EIO while reading the next chunk")
+        return records
+
+    def close(self) -> None:
+        self.real.close()

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.support.pumprig import Rig
+from tests.support.pumprig import FlakyReader, Rig
 from walrelay.deadletters import DeadLetter
 from walrelay.policy import TaskPolicy
 from walrelay.record import TaskSpec, decode, task_id
-from walstore import CorruptLogError, Options, SyncPolicy, Wal, WalError
+from walstore import CorruptLogError, Options, SyncPolicy, Wal
 from walstore.format import SEGMENT_SUFFIX
 
 pytestmark = pytest.mark.timeout(60)
@@ -84,28 +84,6 @@ def test_a_corrupt_sealed_segment_never_lets_the_watermark_pass_unpublished_reco
     assert max(marks) == wal.low_water_mark() == bad
     assert rig.pump.stats.read_errors > 0
     assert rig.take("warehouse") == []  # nothing past it was published or skipped
-
-
-class FlakyReader:
-    """A reader that, once, reads ahead (moving its position) and then fails: the records
-    it parsed in that call are never returned."""
-
-    def __init__(self, real: Any, fail: list[bool]) -> None:
-        self.real, self.fail = real, fail
-
-    @property
-    def next_lsn(self) -> int:
-        return int(self.real.next_lsn)
-
-    def read(self, max_records: int = 4096, hwm: int | None = None) -> Any:
-        records = self.real.read(max_records, hwm)
-        if records and self.fail:
-            self.fail.pop()
-            raise WalError("EIO while reading the next chunk")
-        return records
-
-    def close(self) -> None:
-        self.real.close()
 
 
 def test_records_read_in_a_call_that_failed_are_read_again(

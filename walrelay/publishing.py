@@ -59,4 +59,7 @@ def _isolate(publisher: Publisher, messages: Sequence[TaskMessage], exc: Excepti
 
 
 def _why(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, MessageRejectedError) else f"{type(exc).__name__}: {exc}"
+    """Why a message published alone was refused."""
+    if isinstance(exc, MessageRejectedError):
+        return next(iter(exc.rejected.values()), str(exc))
+    return f"{type(exc).__name__}: {exc}"

@@ -365,3 +365,17 @@ def test_the_brokers_own_keys_are_never_published_to(queue: str) -> None:
     reason = policy(TaskSpec("t", "tasks.warehouse.reserve_stock", queue))
     assert reason is not None and "reserved" in reason
     assert policy(TaskSpec("t", "tasks.warehouse.reserve_stock", "warehouse")) is None
+
+
+def test_the_reason_of_a_refusal_is_kept_when_found_alone(wal: Wal, tmp_path: Path) -> None:
+    """A batch refused without saying which (WRONGTYPE) is published one by one: an
+    unencodable task in it keeps its own reason."""
+    rig = Rig(wal, tmp_path, retry_delay=1.0, max_attempts=1)
+    rig.broker.wrong_type.add("tangled")
+    rig.append_entry(
+        TaskSpec("a", "x.ok", "tangled"), TaskSpec("b", "x.ok", "warehouse", ["\ud800"])
+    )
+    rig.steps(2)
+    (letter,) = rig.deadletters.list()
+    assert "WRONGTYPE" in letter.targets["a"]["error"]
+    assert "surrogate" in letter.targets["b"]["error"]

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,8 @@ DRAIN_TIMEOUT = 120.0
 
 def suite_env(marks: Path) -> dict[str, str]:
     return {
-        "PYTHONPATH": str(TESTS),  # fault_app, for ``celery -A fault_app``
+        # fault_app, for ``celery -A fault_app``; the checkout, for fault_producer.py
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parents[1])]),
         "FAULT_MARKS": str(marks),
         "WAL_SYNC": "always",  # as deployed: acknowledged means fsync'd
         "PUMP_ACK_TIMEOUT": str(ACK_TIMEOUT),
@@ -138,11 +140,12 @@ class Recovery:
 class Pipeline:
     """Redis, two workers and the pump, with a monitor of the log's watermarks."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, overrides: Mapping[str, str] | None = None) -> None:
         self.marks = tmp / "marks"
         self.marks.mkdir(parents=True)
         self.redis = RedisServer(tmp / "redis")
-        self.stack = Stack(tmp, self.redis, overrides=suite_env(self.marks))
+        env = {**suite_env(self.marks), **(overrides or {})}
+        self.stack = Stack(tmp, self.redis, overrides=env)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.pump: subprocess.Popen[bytes] | None = None
         self.monitor = WalMonitor(self.snapshot, interval=0.1)
@@ -155,8 +158,8 @@ class Pipeline:
             for proc in new:
                 self.wait_log(proc, " ready.")
 
-    def start_pump(self) -> None:
-        self.pump = self.stack.start_pump()
+    def start_pump(self, app: str = "worker", **env: str) -> None:
+        self.pump = self.stack.start_pump(env, app=app)
 
     def wait_log(self, proc: subprocess.Popen[bytes], marker: str, timeout: float = 60) -> None:
         wait_until(f"{marker!r} in the log of {proc.pid}",
@@ -204,9 +207,12 @@ class Pipeline:
         return Recovery(moved[0] if moved else caught_up, caught_up)
 
     # ------------------------------------------------------------------ the verdict
-    def check(self, prefix: str, journal: Journal, extra: Iterable[str] = ()) -> Audit:
+    def check(
+        self, prefix: str, journal: Journal, extra: Iterable[str] = (), dead: Iterable[int] = ()
+    ) -> Audit:
         """Wait for the drain, then assert the contract for the purchases ``prefix...``
-        (``extra``: acknowledged ones the test recorded itself)."""
+        (``extra``: acknowledged ones the test recorded itself; ``dead``: the LSNs of the
+        only records that may be, and must be, dead-lettered)."""
         acked = set(journal.acked) | set(extra)
         attempted = journal.attempted | set(extra)
 
@@ -228,7 +234,9 @@ class Pipeline:
         status = subprocess.run([WALSTORE, "status", str(self.stack.wal_dir), "--json"],
                                 capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         assert json.loads(status.stdout)["pending"] == 0
-        assert DeadLetterStore(str(self.stack.wal_dir)).list() == []
+        assert sorted(d.lsn for d in DeadLetterStore(str(self.stack.wal_dir)).list()) == sorted(
+            dead
+        )
         return result
 
     def all_workers_consuming(self) -> None:
@@ -249,9 +257,10 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def running_pipeline(tmp: Path) -> Iterator[Pipeline]:
-    """Redis, two workers, the pump and the monitor, all stopped at the end."""
-    pipeline = Pipeline(tmp)
+def running_pipeline(tmp: Path, overrides: Mapping[str, str] | None = None) -> Iterator[Pipeline]:
+    """Redis, two workers, the pump and the monitor, all stopped at the end (``overrides``:
+    environment of every process, over the suite's)."""
+    pipeline = Pipeline(tmp, overrides)
     try:
         pipeline.redis.start()
         pipeline.start_workers(2)

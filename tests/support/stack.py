@@ -90,8 +90,10 @@ class Stack:
             wait_until(f"worker {name} ready", lambda: self._ready(proc, " ready."), 60)
         return proc
 
-    def start_pump(self, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = self.spawn("pump", [CELERY, "-A", "worker", "pump"], env)
+    def start_pump(
+        self, env: Mapping[str, str] | None = None, app: str = "worker"
+    ) -> subprocess.Popen[bytes]:
+        proc = self.spawn("pump", [CELERY, "-A", app, "pump"], env)
         wait_until("pump started", lambda: self._ready(proc, "resuming at LSN"), 60)
         return proc
 

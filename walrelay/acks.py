@@ -2,9 +2,14 @@
 the task's WAL how a delivery went, through the broker (workers may run on other hosts).
 
 Only tasks whose id was made by ``walrelay.record.task_id`` are acked; any other task of
-the app (sent with ``.delay()``) is left alone. The handlers run in the process that ran
-the task (a prefork child), so the cost is spread over the pool, not paid by the
-worker's parent process, which is the usual bottleneck.
+the app (sent with ``.delay()``) is left alone. Each ack names the copy it confirms (the
+message's ``walrelay_copy`` header), so that the pump knows how far the queue got. A
+task this worker does not know (Celery's ``task_unknown``: it sends no failure) is acked
+as failed, so the pump dead-letters it after its attempts instead of waiting forever.
+
+The handlers run in the process that ran the task (a prefork child), so the cost is
+spread over the pool, not paid by the worker's parent process, which is the usual
+bottleneck.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import os
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import task_failure, task_success
+from celery.signals import task_failure, task_success, task_unknown
 
-from .broker import Ack, ack_queue, encode_ack
+from .broker import COPY_HEADER, Ack, ack_queue, encode_ack
 from .record import parse_task_id
 
 logger = logging.getLogger(__name__)
@@ -73,20 +78,27 @@ def _redis_client(app: Celery) -> Any:
     return client
 
 
-def _send(task: Task[Any, Any] | None, task_id: str | None, ok: bool, error: str | None) -> None:
+def _send(app: Celery | None, task_id: str | None, ok: bool, error: str | None, copy: Any) -> None:
     parsed = parse_task_id(task_id) if task_id else None
-    if parsed is None or task is None or id(task.app) not in _bound:
+    if parsed is None or app is None or id(app) not in _bound:
         return
     wal_id, lsn, target = parsed
     try:
-        send_ack(task.app, Ack(wal_id, lsn, target, ok, error))
+        send_ack(app, Ack(wal_id, lsn, target, ok, error, copy if isinstance(copy, str) else None))
     except Exception as exc:
         logger.warning("could not ack %s (the pump will re-send it): %r", task_id, exc)
 
 
+def _copy(task: Task[Any, Any]) -> Any:
+    """The copy header of the message ``task`` is running (None if it has none)."""
+    request = task.request
+    headers = getattr(request, "headers", None) or {}
+    return headers.get(COPY_HEADER) or getattr(request, COPY_HEADER, None)
+
+
 def on_task_success(sender: Task[Any, Any] | None = None, **_: Any) -> None:
-    task_id = sender.request.id if sender is not None else None
-    _send(sender, task_id, True, None)
+    if sender is not None:
+        _send(sender.app, sender.request.id, True, None, _copy(sender))
 
 
 def on_task_failure(
@@ -95,7 +107,17 @@ def on_task_failure(
     exception: BaseException | None = None,
     **_: Any,
 ) -> None:
-    _send(sender, task_id, False, repr(exception))
+    if sender is not None:
+        _send(sender.app, task_id, False, repr(exception), _copy(sender))
+
+
+def on_task_unknown(
+    sender: Any = None, message: Any = None, name: str | None = None, id: str | None = None,
+    **_: Any,
+) -> None:  # fmt: skip
+    headers = getattr(message, "headers", None) or {}
+    error = f"NotRegistered({name!r}): no such task on worker {getattr(sender, 'hostname', '?')}"
+    _send(getattr(sender, "app", None), id, False, error, headers.get(COPY_HEADER))
 
 
 _bound: set[int] = set()  # ids of the apps whose tasks are acked
@@ -107,3 +129,4 @@ def install(app: Celery) -> None:
     _bound.add(id(app))
     task_success.connect(on_task_success, weak=False, dispatch_uid="walstore-ack-success")
     task_failure.connect(on_task_failure, weak=False, dispatch_uid="walstore-ack-failure")
+    task_unknown.connect(on_task_unknown, weak=False, dispatch_uid="walrelay-ack-unknown")

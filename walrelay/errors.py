@@ -47,6 +47,19 @@ class BrokerUnavailableError(RelayError):
     and re-sends what may have been lost once a session is established again."""
 
 
+class MessageRejectedError(RelayError):
+    """The broker refused a message it was able to take others of (Redis: WRONGTYPE,
+    an ACL), or a message could not be encoded (a lone surrogate). ``rejected`` maps the
+    positions of the refused messages in the batch to the reason, when known (empty:
+    some message of the batch, which one unknown; the others may have been published).
+    The pump publishes such a batch one message at a time and dead-letters a message
+    still refused alone after PUMP_MAX_ATTEMPTS: it is not a broker outage."""
+
+    def __init__(self, message: str, rejected: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.rejected = dict(rejected or {})
+
+
 class PumpLockedError(RelayError):
     """Another pump holds this WAL's pump lock: run exactly one pump per WAL_DIR."""
 

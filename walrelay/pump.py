@@ -5,70 +5,47 @@ Celery-free: it talks to a ``Publisher`` (walrelay.broker), so the same logic ru
 against the in-memory stub in unit tests and against kombu in production.
 
 One step: check the broker session (a new one means queued tasks may be gone: re-send
-everything in flight), read up to the free room of the window and publish, drain acks,
-handle due timers (retries after failures, suspected losses), persist the low water
-mark at most every ``checkpoint_interval``, log at most once per ``log_interval``.
+everything in flight), read up to the free room of the window and publish, release
+held records that are due, drain acks, handle due timers (retries, suspected losses,
+stalled queues), persist the low water mark at most every ``checkpoint_interval``.
+
+The low water mark is the lowest LSN the pump has not finished: every record below it
+was read *and* confirmed or dead-lettered. It comes from what the pump admitted, never
+from where its reader stands, so no read error, poison record or crash can make it pass
+a record that was never published.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 from walstore import Wal, WalError
 
-from .broker import Ack, Publisher, TaskMessage
+from . import publishing
+from .admission import EXPIRED, HOLD, REFUSED, Decision, Policy, decide
+from .broker import Publisher
 from .deadletters import DeadLetter, DeadLetterStore
 from .errors import BadRecordError, BrokerUnavailableError
-from .record import decode
-from .window import (
-    InFlight,
-    PumpConfig,
-    TargetState,
-    Timers,
-    apply_ack,
-    message_for,
-    retry_delay,
-)
+from .parking import Parked, Parking
+from .pumpstats import PumpStats, log_progress
+from .reading import LogCursor
+from .record import Entry, decode
+from .window import InFlight, PumpConfig, Send, TargetState, Window
 
 logger = logging.getLogger("walrelay.pump")
 
 PUBLISH_CHUNK = 1000
 ACK_BATCH = 1000
-TIMERS_PER_STEP = 5000
+CARRY_BATCH = 1000
 STRAY_ACK_INTERVAL = 1.0  # with nothing in flight, still drain (duplicate) acks this often
+RETRY_FINISH = 1.0  # seconds between attempts to write a dead letter that failed
 
 __all__ = ["Pump", "PumpConfig", "PumpStats"]
-
-
-@dataclass
-class PumpStats:
-    """Counters of one pump's life (exported to Prometheus by walrelay.metrics)."""
-
-    published: int = 0  # task messages published, first sends and re-sends
-    redelivered: int = 0  # of which re-sends (timeouts, failures, broker restarts)
-    acked: int = 0  # task-success acks applied
-    failed: int = 0  # task-failure acks applied (each a failed attempt)
-    lost: int = 0  # suspected losses counted as failed attempts
-    duplicate_acks: int = 0  # acks for targets already done (duplicate deliveries)
-    entries_done: int = 0  # entries that left the window (confirmed or dead)
-    dead_lettered: int = 0  # entries written to the dead letters
-    broker_sessions: int = 0  # broker sessions seen (restarts and reconnections + 1)
-    broker_down: bool = False
-    pruned_segments: int = 0
-    in_flight: int = 0  # entries in the window
-    backlog: int = 0  # high water mark minus low water mark
-    oldest_unconfirmed_age: float = 0.0  # seconds since the oldest in-flight entry was sent
-    low_water_mark: int = 0
-    high_water_mark: int = 0
-    read_lsn: int = 0  # next LSN the pump reads
-
-    def as_dict(self) -> dict[str, float | int | bool]:
-        return asdict(self)
 
 
 class Pump:
@@ -81,29 +58,38 @@ class Pump:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
+        policy: Policy | None = None,
     ) -> None:
         self.wal = wal
         self.wal_id = wal.wal_id
         self.publisher = publisher
         self.deadletters = deadletters
         self.config = config or PumpConfig()
-        self.clock, self.sleep = clock, sleep
+        self.clock, self.sleep, self.wall = clock, sleep, wall
+        self.policy = policy
         self.stats = PumpStats()
-        self.inflight: dict[int, InFlight] = {}  # insertion (= LSN) order
-        self.timers = Timers()
-        self._pub_seq = 0
-        self._progress: dict[str, int] = {}  # queue -> latest pub_seq the workers finished
+        self.window = Window(self.config, self.stats, self.wal_id, wall, self._finish)
+        self.inflight = self.window.flights  # by identity, in admission order
+        self.timers = self.window.timers
+        self.pending: dict[int, int] = {}  # LSN -> identity of every record not finished
+        self.parking = Parking()
         self._persisted = wal.low_water_mark()
-        self.reader = wal.reader(self._persisted)
+        self.cursor = LogCursor(wal, self._persisted, self.config, self.stats)
+        # Records below this may have been published by an earlier pump: acks naming no
+        # copy are no evidence of how far their queue got.
+        self._startup_hwm = wal.high_water_mark()
+        self._unfinished: list[InFlight] = []  # dead letters that could not be written yet
         self._session: str | None = None
         self._resend_all = False
         self._down_for = 0
         now = clock()
         self._next_session = self._next_checkpoint = self._next_ack = self._next_stray = now
+        self._next_carry = self._next_finish = now
         self._next_log = now + self.config.log_interval
         self._last_log = (now, 0, 0)
         logger.info("pump: resuming at LSN %d (low water mark) of WAL %s, high water mark %d",
-                    self._persisted, self.wal_id, wal.high_water_mark())  # fmt: skip
+                    self._persisted, self.wal_id, self._startup_hwm)  # fmt: skip
 
     # ---------------------------------------------------------------- main loop
     def run(self, stop: threading.Event) -> None:
@@ -124,11 +110,15 @@ class Pump:
         read = 0
         try:
             read = self._fill(now)
+            self._unpark(now)
             if self._acks_due(now, read):
-                self._apply_acks(self.publisher.drain_acks(0.0, ACK_BATCH))
+                acks = self.publisher.drain_acks(0.0, ACK_BATCH)
+                self.window.apply_acks(acks, self.clock())
             self._expire()
         except BrokerUnavailableError as exc:
             self._broker_lost(exc)
+        self._carry(now)
+        self._retry_unfinished(now)
         self.checkpoint()
         self._maybe_log()
         if not read:
@@ -161,6 +151,7 @@ class Pump:
             return False
         if self.stats.broker_down:
             logger.warning("pump: broker is back")
+            self.window.lanes.restart_clocks(now)  # an outage is no evidence against a queue
         self.stats.broker_down, self._down_for = False, 0
         return True
 
@@ -170,127 +161,189 @@ class Pump:
         self.stats.broker_down = True
         self._resend_all = True  # whatever was queued may be gone
 
-    # ---------------------------------------------------------------- reading
+    # ---------------------------------------------------------------- reading, admission
     def _fill(self, now: float) -> int:
         room = self.config.window - len(self.inflight)
-        if room <= 0 or self._resend_all:
+        if room <= 0 or len(self.parking) >= self.config.max_parked or self._resend_all:
             return 0
-        records = self.reader.read(min(room, self.config.read_batch))
-        messages: list[TaskMessage] = []
-        for lsn, payload in records:
-            self._admit(lsn, payload, now, messages)
-        self._publish(messages)
-        return len(records)
+        sends: list[Send] = []
+        limit = min(room, self.config.read_batch)
+        admitted = self.cursor.admit(now, limit, lambda n, data: self._admit(n, data, now, sends))
+        self._publish(sends)
+        return admitted
 
-    def _admit(self, lsn: int, payload: bytes, now: float, out: list[TaskMessage]) -> None:
+    def _admit(self, lsn: int, payload: bytes, now: float, out: list[Send]) -> None:
+        """Take the record at ``lsn`` into the pump's care (window, parking or dead
+        letters). Raises only if it could do none of these (a dead letter not written):
+        then nothing changed and the record is read again later."""
+        identity, key = lsn, ""
         try:
             entry = decode(payload)
-        except BadRecordError as exc:
-            self._dead_letter(lsn, "", payload, {}, f"undecodable entry: {exc}")
+            if entry.origin is not None and not 0 <= entry.origin < lsn:
+                raise BadRecordError(f"origin {entry.origin} is not an earlier LSN")
+            identity, key = entry.identity(lsn), entry.key or ""
+            plan = self._plan(entry)
+        except Exception as exc:  # anything wrong with this record is this record's problem
+            why = f"undecodable entry: {exc}" if isinstance(exc, BadRecordError) else (
+                f"cannot replay entry: {type(exc).__name__}: {exc}")  # fmt: skip
+            self._dead_letter(identity, key, payload, {}, why)
             return
-        targets = {spec.target: TargetState(spec) for spec in entry.tasks}
-        flight = InFlight(lsn, entry, now, targets)
-        self.inflight[lsn] = flight
-        for target in targets.values():
-            out.append(self._sent(flight, target, now))
+        if identity in self.inflight:
+            # A carried record whose original was still in the log when we crashed: the
+            # original is in flight already; this copy is done.
+            logger.info("pump: LSN %d repeats entry %d, already in flight", lsn, identity)
+            return
+        old = self.parking.remove(identity)
+        if old is not None:
+            self.pending.pop(old.lsn, None)  # the carried copy replaces its original
+        self.pending[lsn] = identity
+        k = entry.order_key
+        if k and not self.parking.join(k, identity):
+            self._park(lsn, identity, payload, entry, now, 0.0)
+            return
+        self._place(lsn, identity, entry, payload, plan, now, out)
 
-    def _sent(self, flight: InFlight, target: TargetState, now: float) -> TaskMessage:
-        """Record that ``target`` is being published now; returns its message."""
-        self._pub_seq += 1
-        target.sends += 1
-        target.pub_seq = self._pub_seq
-        target.published_at = now
-        target.retry_pending = False
-        self.timers.push(now + self.config.ack_timeout, flight.lsn, target)
-        return message_for(self.wal_id, flight.lsn, target.spec)
+    def _plan(self, entry: Entry) -> dict[str, Decision]:
+        wall_now = self.wall()
+        return {t.target: decide(t, self.policy, wall_now) for t in entry.tasks}
 
-    def _publish(self, messages: list[TaskMessage], resend: bool = False) -> None:
-        for i in range(0, len(messages), PUBLISH_CHUNK):
-            chunk = messages[i : i + PUBLISH_CHUNK]
-            self.publisher.publish(chunk)
-            self.stats.published += len(chunk)
+    def _place(self, lsn: int, identity: int, entry: Entry, payload: bytes,
+               plan: dict[str, Decision], now: float, out: list[Send]) -> None:  # fmt: skip
+        """Park a record whose every task waits for its eta; else into the window."""
+        if all(d.kind == HOLD for d in plan.values()):
+            due = now + max(0.0, min(d.eta for d in plan.values()) - self.wall())
+            self._park(lsn, identity, payload, entry, now, due)
+            return
+        flight = InFlight(lsn, identity, entry, now, {})
+        self.inflight[identity] = flight
+        inherited = lsn < self._startup_hwm
+        wall_now = self.wall()
+        for spec in entry.tasks:
+            d = plan[spec.target]
+            target = TargetState(spec, (spec.queue, spec.options.get("priority") or 0),
+                                 inherited=inherited)  # fmt: skip
+            if d.kind == REFUSED:
+                target.error = d.reason
+                flight.dead[spec.target] = target
+            elif d.kind == EXPIRED:
+                self.stats.expired += 1
+            elif d.kind == HOLD:
+                target.hold_until = now + max(0.0, d.eta - wall_now)
+                flight.targets[spec.target] = target
+                self.timers.push(target.hold_until, identity, target)
+            else:
+                flight.targets[spec.target] = target
+                out.append((flight, target))
+        if not flight.targets:
+            self._finish(flight)
+
+    def _park(self, lsn: int, identity: int, payload: bytes, entry: Entry, now: float,
+              due: float) -> None:  # fmt: skip
+        # An ordered record is never carried forward: its new LSN would reorder its key.
+        carriable = due > 0 and not entry.order_key
+        self.parking.park(Parked(lsn, identity, payload, entry.order_key, due, now),
+                          carriable=carriable)  # fmt: skip
+
+    def _unpark(self, now: float) -> None:
+        room = self.config.window - len(self.inflight)
+        if room <= 0 or not len(self.parking):
+            return
+        sends: list[Send] = []
+        for p in self.parking.ready(now, room):
+            try:
+                entry = decode(p.payload)
+                plan = self._plan(entry)
+            except Exception as exc:  # it decoded once already; still, never stop on it
+                self.pending.pop(p.lsn, None)
+                self._dead_letter(p.identity, "", p.payload, {}, f"cannot replay entry: {exc}")
+                continue
+            self._place(p.lsn, p.identity, entry, p.payload, plan, now, sends)
+        self._publish(sends)
+
+    def _carry(self, now: float) -> None:
+        """Append records held longer than ``carry_after`` again (``origin`` keeps their
+        identity), then let the low water mark pass their old LSNs."""
+        if now < self._next_carry or not len(self.parking):
+            return
+        self._next_carry = now + 1.0
+        held = list(self.parking.carriable(now, self.config.carry_after, CARRY_BATCH))
+        if not held:
+            return
+        try:
+            payloads = [
+                dataclasses.replace(decode(p.payload), origin=p.identity).encode() for p in held
+            ]
+            lsns = self.wal.append_batch(payloads)
+        except (WalError, OSError, BadRecordError) as exc:
+            logger.error("pump: cannot carry %d held record(s) forward: %s", len(held), exc)
+            self._next_carry = now + 10.0
+            return
+        for p, new in zip(held, lsns, strict=True):
+            self.parking.remove(p.identity)
+            self.pending.pop(p.lsn, None)
+            logger.debug("pump: entry %d carried forward from LSN %d to %d", p.identity, p.lsn,
+                         new)  # fmt: skip
+        self.stats.carried += len(held)
+
+    # ---------------------------------------------------------------- publishing
+    def _publish(self, sends: list[Send], resend: bool = False) -> None:
+        if not sends:
+            return
+        now = self.clock()
+        # All marked sent first: if the broker fails halfway, the rest are re-sent with
+        # everything else once a session is back.
+        messages = [self.window.sent(flight, target, now) for flight, target in sends]
+        for i in range(0, len(sends), PUBLISH_CHUNK):
+            out = publishing.publish(self.publisher, messages[i : i + PUBLISH_CHUNK])
+            self.stats.published += out.accepted
             if resend:
-                self.stats.redelivered += len(chunk)
+                self.stats.redelivered += out.accepted
+            for j, (why, proven) in out.refused.items():
+                flight, target = sends[i + j]
+                self.stats.rejected += 1
+                logger.warning("pump: the broker refused task %s of entry %d: %s",
+                               target.spec.target, flight.identity, why)  # fmt: skip
+                self.window.refused(flight, target, why, proven, now)
 
     def _resend_everything(self) -> None:
-        now = self.clock()
-        messages = [
-            self._sent(flight, target, now)
-            for flight in self.inflight.values()
-            for target in flight.targets.values()
-            if not target.retry_pending
-        ]
-        self._publish(messages, resend=True)
-        self._resend_all = False
-
-    # ---------------------------------------------------------------- acks and timers
-    def _apply_acks(self, acks: Iterable[Ack]) -> None:
-        now = self.clock()
-        for ack in acks:
-            flight = self.inflight.get(ack.lsn) if ack.wal_id == self.wal_id else None
-            target = flight.targets.get(ack.target) if flight is not None else None
-            result = apply_ack(flight, ack, self.config)
-            if not result.applied or flight is None or target is None:
-                self.stats.duplicate_acks += 1
-                continue
-            queue = target.spec.queue
-            self._progress[queue] = max(self._progress.get(queue, 0), target.pub_seq)
-            if ack.ok:
-                self.stats.acked += 1
-            else:
-                self.stats.failed += 1
-            if result.retry:
-                target.retry_pending = True
-                self.timers.push(now + retry_delay(self.config, target.attempts), ack.lsn, target)
-            if result.finished:
-                self._finish(flight)
+        self._resend_all = False  # before publishing: a failure sets it again
+        self.window.lanes.restart_clocks(self.clock())
+        self._publish(self.window.resendable(), resend=True)
 
     def _expire(self) -> None:
-        now = self.clock()
-        messages: list[TaskMessage] = []
-        for seq, lsn, name in self.timers.pop_due(now, TIMERS_PER_STEP):
-            flight = self.inflight.get(lsn)
-            target = flight.targets.get(name) if flight is not None else None
-            if flight is None or target is None or target.seq != seq:
-                continue  # acked, dead or rescheduled since
-            message = self._on_due(flight, target, now)
-            if message is not None:
-                messages.append(message)
-        self.timers.compact(self.inflight)
-        self._publish(messages, resend=True)
+        first, again = self.window.due(self.clock())
+        self._publish(first)
+        self._publish(again, resend=True)
 
-    def _on_due(self, flight: InFlight, target: TargetState, now: float) -> TaskMessage | None:
-        cfg = self.config
-        if target.retry_pending:
-            return self._sent(flight, target, now)
-        if self._progress.get(target.spec.queue, 0) > target.pub_seq:
-            # Workers finished a later task of this queue: this one was lost (or kills
-            # its worker). A failed attempt.
-            self.stats.lost += 1
-            target.attempts += 1
-            target.error = f"no ack within {cfg.ack_timeout:g}s while later tasks completed"
-            if target.attempts >= cfg.max_attempts:
-                flight.dead[target.spec.target] = flight.targets.pop(target.spec.target)
-                if not flight.targets:
-                    self._finish(flight)
-                return None
-            return self._sent(flight, target, now)
-        if now - target.published_at >= cfg.max_ack_timeout:
-            return self._sent(flight, target, now)  # a silent loss on an idle queue
-        due = min(now + cfg.ack_timeout, target.published_at + cfg.max_ack_timeout)
-        self.timers.push(due, flight.lsn, target)
-        return None
-
+    # ---------------------------------------------------------------- finishing
     def _finish(self, flight: InFlight) -> None:
         if flight.dead:
             dead = flight.dead
             targets = {n: {"attempts": t.attempts, "error": t.error} for n, t in dead.items()}
-            payload = flight.entry.only(set(dead)).encode()
-            self._dead_letter(flight.lsn, flight.entry.key or "", payload, targets,
-                              f"{len(dead)} target(s) exhausted {self.config.max_attempts} "
-                              "attempts")  # fmt: skip
-        del self.inflight[flight.lsn]
+            reason = "; ".join(f"{n}: {t.error}" for n, t in dead.items())
+            try:
+                payload = flight.entry.only(set(dead)).encode()
+                self._dead_letter(flight.identity, flight.entry.key or "", payload, targets,
+                                  reason)  # fmt: skip
+            except OSError as exc:
+                # Stays unfinished (the low water mark holds) until the letter is written.
+                logger.error("pump: cannot write the dead letter of entry %d: %s",
+                             flight.identity, exc)  # fmt: skip
+                self._unfinished.append(flight)
+                return
+        self.inflight.pop(flight.identity, None)
+        self.pending.pop(flight.lsn, None)
         self.stats.entries_done += 1
+        if flight.entry.order_key:
+            self.parking.leave(flight.entry.order_key, flight.identity)
+
+    def _retry_unfinished(self, now: float) -> None:
+        if not self._unfinished or now < self._next_finish:
+            return
+        self._next_finish = now + RETRY_FINISH
+        again, self._unfinished = self._unfinished, []
+        for flight in again:
+            self._finish(flight)
 
     def _dead_letter(
         self, lsn: int, key: str, payload: bytes, targets: dict[str, dict[str, Any]], why: str
@@ -303,10 +356,11 @@ class Pump:
 
     # ---------------------------------------------------------------- watermark, stats
     def low_water_mark(self) -> int:
-        """The lowest LSN not yet confirmed (every LSN below is done or dead-lettered)."""
-        for lsn in self.inflight:
+        """The lowest LSN not finished: every LSN below was read and is confirmed or
+        dead-lettered (or holds no record)."""
+        for lsn in self.pending:
             return lsn
-        return self.reader.next_lsn
+        return self.cursor.next_lsn
 
     def checkpoint(self, force: bool = False) -> None:
         now = self.clock()
@@ -327,10 +381,11 @@ class Pump:
     def refresh_stats(self) -> PumpStats:
         st = self.stats
         st.in_flight = len(self.inflight)
+        st.parked = len(self.parking)
         st.low_water_mark = self.low_water_mark()
         st.high_water_mark = self.wal.high_water_mark()
         st.backlog = st.high_water_mark - st.low_water_mark
-        st.read_lsn = self.reader.next_lsn
+        st.read_lsn = self.cursor.next_lsn
         oldest = next(iter(self.inflight.values()), None)
         st.oldest_unconfirmed_age = 0.0 if oldest is None else self.clock() - oldest.first_sent
         return st
@@ -340,16 +395,4 @@ class Pump:
         if now < self._next_log:
             return
         self._next_log = now + self.config.log_interval
-        then, published, acked = self._last_log
-        st = self.refresh_stats()
-        if st.published == published and st.acked == acked and not st.backlog:
-            return
-        elapsed = max(now - then, 1e-9)
-        self._last_log = (now, st.published, st.acked)
-        logger.info(
-            "pump: published %.0f/s acked %.0f/s redelivered %d dead %d in-flight %d "
-            "backlog %d lwm %d hwm %d oldest %.1fs",
-            (st.published - published) / elapsed, (st.acked - acked) / elapsed,
-            st.redelivered, st.dead_lettered, st.in_flight, st.backlog, st.low_water_mark,
-            st.high_water_mark, st.oldest_unconfirmed_age,
-        )  # fmt: skip
+        self._last_log = log_progress(logger, self.refresh_stats(), now, self._last_log)

@@ -74,7 +74,10 @@ class Entry:
             "created": self.created,
             "tasks": [_task_doc(t) for t in self.tasks],
         }
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate (valid JSON "\ud800"): keep it escaped
+            return json.dumps(doc, separators=(",", ":")).encode()
 
     def only(self, targets: set[str]) -> Entry:
         """The same entry restricted to some targets (dead-letter replay)."""

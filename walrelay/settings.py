@@ -16,6 +16,8 @@ DEFAULT_ACK_TIMEOUT = 30.0
 DEFAULT_MAX_ACK_TIMEOUT = 300.0
 DEFAULT_RETRY_DELAY = 1.0
 DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_STALL_TIMEOUT = 7200.0
+DEFAULT_CARRY_AFTER = 3600.0
 DEFAULT_IDEMPOTENCY_WINDOW = 24 * 3600.0
 DEFAULT_METRICS_ADDR = "127.0.0.1"
 
@@ -67,6 +69,17 @@ class RelaySettings:
     # Failed attempts after which a task of a record goes to the dead letters
     # (PUMP_MAX_ATTEMPTS).
     pump_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    # A task whose queue has not moved at all (no task of it confirmed or failed) for
+    # this many seconds while it waited goes to the dead letters: a queue no worker
+    # consumes. Make it longer than the worker outages to ride out (PUMP_STALL_TIMEOUT).
+    pump_stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    # A record held for its countdown/eta longer than this is appended again under the
+    # same task ids, so that it does not pin old segments of the log (PUMP_CARRY_AFTER).
+    pump_carry_after: float = DEFAULT_CARRY_AFTER
+    # The only queues the pump publishes to, comma-separated; empty: the app's
+    # ``task_queues`` when set, else any queue that is not the broker's own
+    # (PUMP_QUEUES). A record naming another queue is dead-lettered.
+    pump_queues: tuple[str, ...] = ()
     # How long ``relay.send(..., key=K)`` remembers K: a second send with the same key
     # within this many seconds returns the first receipt (RELAY_IDEMPOTENCY_WINDOW).
     idempotency_window: float = DEFAULT_IDEMPOTENCY_WINDOW
@@ -84,6 +97,11 @@ class RelaySettings:
             ),
             pump_retry_delay=env_float(env, "PUMP_RETRY_DELAY", DEFAULT_RETRY_DELAY, 0.0),
             pump_max_attempts=env_int(env, "PUMP_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, 1),
+            pump_stall_timeout=env_float(env, "PUMP_STALL_TIMEOUT", DEFAULT_STALL_TIMEOUT, 1.0),
+            pump_carry_after=env_float(env, "PUMP_CARRY_AFTER", DEFAULT_CARRY_AFTER, 1.0),
+            pump_queues=tuple(
+                q.strip() for q in env.get("PUMP_QUEUES", "").split(",") if q.strip()
+            ),
             idempotency_window=env_float(
                 env, "RELAY_IDEMPOTENCY_WINDOW", DEFAULT_IDEMPOTENCY_WINDOW, 0.0
             ),

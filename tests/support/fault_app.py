@@ -10,7 +10,12 @@ settings as ``celery -A worker worker``, plus
   the event loop while kombu still believes it is polled: the consumer stays connected
   and idle whatever is queued, the state of celery#8030/#8082 (it then writes
   ``broken-<pid>``);
-- ``FAULT_WATCHDOG=0`` runs Celery's plain consumer (no watchdog, kombu's backoff).
+- ``FAULT_WATCHDOG=0`` runs Celery's plain consumer (no watchdog, kombu's backoff);
+- ``FAULT_TASK_SECONDS`` makes every task sleep that long before its effect (a slow
+  consumer);
+- ``FAULT_PUMP_TASK=1`` registers a task ``fault.pump_only``: set for a pump (``celery -A
+  fault_app pump``), not for the workers, it is a task the pump may send and no worker
+  knows.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ def _slow(when: str, task_id: str | None, args: Any) -> None:
 
 def _before(task_id: str | None = None, args: Any = None, **_: Any) -> None:
     _slow("pre", task_id, args)
+    pause = float(os.environ.get("FAULT_TASK_SECONDS") or 0)
+    if pause:
+        time.sleep(pause)
 
 
 def _after(task_id: str | None = None, args: Any = None, **_: Any) -> None:
@@ -92,5 +100,12 @@ class BreakConsumer(bootsteps.StartStopStep):
 
 
 app.steps["consumer"].add(BreakConsumer)
+if os.environ.get("FAULT_PUMP_TASK") == "1":
+
+    @app.task(name="fault.pump_only")
+    def pump_only(*args: Any) -> None:
+        """Never runs: the workers do not register it."""
+
+
 if os.environ.get("FAULT_WATCHDOG") == "0":
     app.conf.worker_consumer = "celery.worker.consumer:Consumer"

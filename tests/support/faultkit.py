@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,11 +142,12 @@ class Recovery:
 class Pipeline:
     """Redis, two workers and the pump, with a monitor of the log's watermarks."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, overrides: Mapping[str, str] | None = None) -> None:
         self.marks = tmp / "marks"
         self.marks.mkdir(parents=True)
         self.redis = RedisServer(tmp / "redis")
-        self.stack = Stack(tmp, self.redis, overrides=suite_env(self.marks))
+        env = {**suite_env(self.marks), **(overrides or {})}
+        self.stack = Stack(tmp, self.redis, overrides=env)
         self.workers: list[Proc] = []
         self.pump: Proc | None = None
         self.monitor = WalMonitor(self.snapshot, interval=0.1)
@@ -159,8 +160,8 @@ class Pipeline:
             for proc in new:
                 wait_worker(proc)
 
-    def start_pump(self) -> None:
-        self.pump = self.stack.start_pump()
+    def start_pump(self, app: str = "worker", **env: str) -> None:
+        self.pump = self.stack.start_pump(env, app=app)
 
     def wait_log(self, proc: Proc, marker: str, timeout: float = 60) -> None:
         """Until ``marker`` is in the log of ``proc`` (what a case asserts it logs)."""
@@ -209,9 +210,12 @@ class Pipeline:
         return Recovery(moved[0] if moved else caught_up, caught_up)
 
     # ------------------------------------------------------------------ the verdict
-    def check(self, prefix: str, journal: Journal, extra: Iterable[str] = ()) -> Audit:
+    def check(
+        self, prefix: str, journal: Journal, extra: Iterable[str] = (), dead: Iterable[int] = ()
+    ) -> Audit:
         """Wait for the drain, then assert the contract for the purchases ``prefix...``
-        (``extra``: acknowledged ones the test recorded itself)."""
+        (``extra``: acknowledged ones the test recorded itself; ``dead``: the LSNs of the
+        only records that may be, and must be, dead-lettered)."""
         acked = set(journal.acked) | set(extra)
         attempted = journal.attempted | set(extra)
 
@@ -233,7 +237,9 @@ class Pipeline:
         status = subprocess.run([WALSTORE, "status", str(self.stack.wal_dir), "--json"],
                                 capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         assert json.loads(status.stdout)["pending"] == 0
-        assert DeadLetterStore(str(self.stack.wal_dir)).list() == []
+        assert sorted(d.lsn for d in DeadLetterStore(str(self.stack.wal_dir)).list()) == sorted(
+            dead
+        )
         return result
 
     def all_workers_consuming(self) -> None:
@@ -254,9 +260,10 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def running_pipeline(tmp: Path) -> Iterator[Pipeline]:
-    """Redis, two workers, the pump and the monitor, all stopped at the end."""
-    pipeline = Pipeline(tmp)
+def running_pipeline(tmp: Path, overrides: Mapping[str, str] | None = None) -> Iterator[Pipeline]:
+    """Redis, two workers, the pump and the monitor, all stopped at the end (``overrides``:
+    environment of every process, over the suite's)."""
+    pipeline = Pipeline(tmp, overrides)
     try:
         pipeline.redis.start()
         pipeline.start_workers(2)

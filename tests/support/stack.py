@@ -78,9 +78,9 @@ class Stack:
         return roles.start_worker(self.processes, name, concurrency, queues=queues, app=app,
                                   env=env, wait=wait)  # fmt: skip
 
-    def start_pump(self, env: Mapping[str, str] | None = None) -> Proc:
-        """The pump, once its metrics answer (``PUMP_METRICS_PORT`` of ``env``, if set)."""
-        return roles.start_pump(self.processes, env=env)
+    def start_pump(self, env: Mapping[str, str] | None = None, app: str = "worker") -> Proc:
+        """The pump of ``app``, once its metrics answer (``PUMP_METRICS_PORT`` of ``env``)."""
+        return roles.start_pump(self.processes, app=app, env=env)
 
     def celery(
         self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery.signals import task_unknown
 
 from tasks.app import PurchaseApp, create_app
 from tasks.config import Settings
 from walrelay import acks
-from walrelay.broker import Ack, ack_queue, decode_ack
+from walrelay.broker import COPY_HEADER, Ack, ack_queue, decode_ack
 
 pytestmark = pytest.mark.timeout(30)
 WAL = "c" * 32
@@ -67,3 +68,32 @@ def test_an_unsendable_ack_is_logged_not_raised(app: PurchaseApp, monkeypatch: A
 
     monkeypatch.setattr(acks, "send_ack", broken)
     acks.on_task_success(sender=fake_task(app, f"{WAL}-1-warehouse"))  # no exception
+
+
+def test_acks_name_the_copy_the_worker_ran(app: PurchaseApp) -> None:
+    request = SimpleNamespace(id=f"{WAL}-9-warehouse", headers={COPY_HEADER: "r1.7"})
+    task: Any = SimpleNamespace(app=app, request=request)
+    acks.on_task_success(sender=task)
+    acks.on_task_failure(sender=task, task_id=f"{WAL}-9-warehouse", exception=KeyError("k"))
+    assert received(app) == [
+        Ack(WAL, 9, "warehouse", True, None, "r1.7"),
+        Ack(WAL, 9, "warehouse", False, "KeyError('k')", "r1.7"),
+    ]
+
+
+def test_a_task_the_worker_does_not_know_is_acked_as_failed(app: PurchaseApp) -> None:
+    """Celery rejects it without any failure signal: without this ack the pump would wait
+    for it forever (and pin the log)."""
+
+    class Consumer:  # hashable, as Celery's is (signals key on their sender)
+        hostname = "w1@host"
+
+    consumer = Consumer()
+    consumer.app = app  # type: ignore[attr-defined]
+    message = SimpleNamespace(headers={COPY_HEADER: "r1.8"})
+    task_unknown.send(sender=consumer, message=message, exc=KeyError("x"), name="shop.gone",
+                      id=f"{WAL}-3-finance")  # fmt: skip
+    (ack,) = received(app)
+    assert ack is not None and (ack.lsn, ack.target, ack.ok, ack.copy) == (3, "finance", False,
+                                                                          "r1.8")  # fmt: skip
+    assert ack.error is not None and "NotRegistered('shop.gone')" in ack.error

@@ -9,6 +9,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,10 +20,10 @@ from tasks.app import create_app
 from tasks.config import Settings
 from tests.support.stack import RedisServer
 from walrelay.acks import send_ack
-from walrelay.broker import Ack, Publisher, TaskMessage
+from walrelay.broker import COPY_HEADER, Ack, Publisher, TaskMessage
 from walrelay.brokers.kombu import KombuPublisher
 from walrelay.brokers.stub import MemoryPublisher
-from walrelay.errors import BrokerUnavailableError
+from walrelay.errors import BrokerUnavailableError, MessageRejectedError
 
 pytestmark = pytest.mark.timeout(60)
 WAL_ID = "a" * 32
@@ -40,6 +41,7 @@ class Harness(Protocol):
     def stop_broker(self) -> None: ...
     def start_broker(self) -> None: ...
     def restart_broker(self) -> None: ...
+    def make_wrong_type(self, queue: str) -> None: ...
 
 
 class MemoryHarness:
@@ -60,6 +62,9 @@ class MemoryHarness:
 
     def restart_broker(self) -> None:
         self.stub.restart()
+
+    def make_wrong_type(self, queue: str) -> None:
+        self.stub.wrong_type.add(queue)
 
 
 class KombuHarness:
@@ -95,6 +100,9 @@ class KombuHarness:
 
     def restart_broker(self) -> None:
         self.server.restart()
+
+    def make_wrong_type(self, queue: str) -> None:
+        self.server.client().hset(queue, "k", "v")  # as kombu's own "unacked" hash
 
     def close(self) -> None:
         self.publisher.close()
@@ -180,6 +188,49 @@ def test_session_is_stable_until_the_broker_restarts(harness: Harness) -> None:
     assert [f[0] for f in harness.fetch("warehouse", 1)] == [msg(2, "warehouse").task_id]
 
 
+def test_a_message_that_cannot_be_encoded_is_refused_the_others_published(
+    harness: Harness,
+) -> None:
+    bad = TaskMessage(f"{WAL_ID}-2-warehouse", "tasks.warehouse.run", "warehouse", ["\ud800"], {})
+    session = harness.publisher.session()
+    with pytest.raises(MessageRejectedError) as caught:
+        harness.publisher.publish([msg(1, "warehouse"), bad, msg(3, "warehouse")])
+    assert list(caught.value.rejected) == [1]
+    assert "surrogate" in caught.value.rejected[1]
+    assert [f[0] for f in harness.fetch("warehouse", 2)] == [
+        msg(1, "warehouse").task_id, msg(3, "warehouse").task_id,
+    ]  # fmt: skip
+    assert harness.publisher.session() == session  # not a broker outage
+
+
+def test_a_queue_the_broker_refuses_is_not_an_outage(harness: Harness) -> None:
+    """A queue named like a key that is not a list (kombu's ``unacked`` hash): the broker
+    refuses those messages only; the connection, its session and the rest are fine."""
+    harness.make_wrong_type("unacked")
+    session = harness.publisher.session()
+    with pytest.raises(MessageRejectedError):
+        harness.publisher.publish([msg(1, "warehouse"), msg(2, "x", queue="unacked"),
+                                   msg(3, "warehouse")])  # fmt: skip
+    assert [f[0] for f in harness.fetch("warehouse", 2)] == [
+        msg(1, "warehouse").task_id, msg(3, "warehouse").task_id,
+    ]  # fmt: skip
+    assert harness.publisher.session() == session
+    harness.publisher.publish([msg(4, "warehouse")])
+    assert [f[0] for f in harness.fetch("warehouse", 1)] == [msg(4, "warehouse").task_id]
+
+
+def test_acks_name_the_copy_they_confirm(harness: Harness) -> None:
+    harness.publisher.session()
+    acks = [Ack(WAL_ID, 1, "warehouse", True, copy="0a1b2c3d.17"), Ack(WAL_ID, 2, "f", True)]
+    for ack in acks:
+        harness.send_ack(ack)
+    got: list[Ack] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 2 and time.monotonic() < deadline:
+        got += harness.publisher.drain_acks(0.05)
+    assert got == acks
+
+
 def test_unreachable_broker_raises_then_recovers(harness: Harness) -> None:
     before = harness.publisher.session()
     harness.stop_broker()
@@ -211,7 +262,7 @@ def test_messages_are_what_celery_itself_would_send(tmp_path: Path) -> None:
     finally:
         kombu.close()
         server.kill()
-    assert set(mine["headers"]) == set(theirs["headers"])
+    assert set(mine["headers"]) == set(theirs["headers"]) | {COPY_HEADER}
     for key in ("lang", "task", "id", "root_id", "parent_id", "group", "eta", "retries"):
         assert mine["headers"][key] == theirs["headers"][key], key
     assert set(mine["properties"]) == set(theirs["properties"])
@@ -222,6 +273,39 @@ def test_messages_are_what_celery_itself_would_send(tmp_path: Path) -> None:
     body = json.loads(base64.b64decode(mine["body"]))
     assert body == json.loads(base64.b64decode(theirs["body"]))
     assert body[:2] == [ours.args, ours.kwargs]
+
+
+def test_options_are_carried_as_celery_carries_them(tmp_path: Path) -> None:
+    """expires (ISO 8601), priority and the caller's headers, as apply_async sends them;
+    the caller's headers never override the protocol's."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    kombu = KombuHarness(server, fast_acks=True)
+    expires = 1_900_000_000.5
+    try:
+        base = msg(6, "warehouse")
+        forged = {"tenant": "acme", "id": "forged", COPY_HEADER: "x"}
+        ours = TaskMessage(base.task_id, base.name, "warehouse", base.args, base.kwargs,
+                           copy="run1.9", expires=expires, priority=7, headers=forged)  # fmt: skip
+        kombu.publisher.publish([ours])
+        kombu.app.send_task(ours.name, ours.args, ours.kwargs, task_id=ours.task_id,
+                            queue="celery-made", priority=7, headers={"tenant": "acme"},
+                            expires=datetime.fromtimestamp(expires, tz=UTC))  # fmt: skip
+        client = server.client()
+        # Redis keeps one list per priority step: 7 lands on the ":6" list of each queue.
+        (mine_key,) = [k.decode() for k in client.keys("warehouse*") if isinstance(k, bytes)]
+        (theirs_key,) = [k.decode() for k in client.keys("celery-made*") if isinstance(k, bytes)]
+        assert mine_key.removeprefix("warehouse") == theirs_key.removeprefix("celery-made")
+        mine = json.loads(pop(client, mine_key))
+        theirs = json.loads(pop(client, theirs_key))
+    finally:
+        kombu.close()
+        server.kill()
+    h, t = mine["headers"], theirs["headers"]
+    assert datetime.fromisoformat(h["expires"]) == datetime.fromisoformat(t["expires"])
+    assert h["tenant"] == t["tenant"] == "acme"
+    assert h["id"] == ours.task_id and h[COPY_HEADER] == "run1.9"
+    assert mine["properties"]["priority"] == theirs["properties"]["priority"] == 7
 
 
 def test_redis_drain_also_accepts_acks_sent_as_kombu_messages(tmp_path: Path) -> None:

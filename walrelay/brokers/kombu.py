@@ -23,27 +23,36 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import KombuError
+from redis.exceptions import ResponseError
 
-from ..broker import Ack, TaskMessage, ack_queue, decode_ack
-from ..errors import BrokerUnavailableError
+from ..broker import COPY_HEADER, Ack, TaskMessage, ack_queue, decode_ack
+from ..errors import BrokerUnavailableError, MessageRejectedError
 
 REPR_CHARS = 1024  # Celery's argsrepr limit: what Flower shows
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+# Redis errors that refuse every write, not one message: an outage, not a poison message.
+BROKER_WIDE = frozenset({"OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING",
+                         "BUSY", "NOAUTH", "CLUSTERDOWN", "TRYAGAIN"})  # fmt: skip
 
 
 def task_headers(msg: TaskMessage, origin: str, args_json: str, kwargs_json: str) -> dict[str, Any]:
-    """Protocol-2 headers, as ``as_task_v2`` builds them for a plain ``apply_async``."""
-    return {
+    """Protocol-2 headers, as ``as_task_v2`` builds them for a plain ``apply_async``, with
+    the record's own headers (never overriding these) and the copy's name."""
+    expires = None
+    if msg.expires is not None:
+        expires = datetime.fromtimestamp(msg.expires, tz=UTC).isoformat()
+    protocol: dict[str, Any] = {
         "lang": "py",
         "task": msg.name,
         "id": msg.task_id,
         "shadow": None,
-        "eta": None,
-        "expires": None,
+        "eta": None,  # held by the pump until due: never a broker ETA (kombu#337)
+        "expires": expires,
         "group": None,
         "group_index": None,
         "retries": 0,
@@ -57,15 +66,35 @@ def task_headers(msg: TaskMessage, origin: str, args_json: str, kwargs_json: str
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
+        COPY_HEADER: msg.copy,
     }
+    return {**msg.headers, **protocol} if msg.headers else protocol
 
 
-def task_body(msg: TaskMessage) -> tuple[str, str, str]:
-    """(body, args JSON, kwargs JSON): the body is ``[args, kwargs, embed]``."""
+def task_body(msg: TaskMessage) -> tuple[bytes, str, str]:
+    """(body, args JSON, kwargs JSON): the body is ``[args, kwargs, embed]`` in UTF-8.
+    Raises (UnicodeEncodeError: a lone surrogate) if the message cannot be encoded."""
     args_json = json.dumps(msg.args, separators=(",", ":"), ensure_ascii=False)
     kwargs_json = json.dumps(msg.kwargs, separators=(",", ":"), ensure_ascii=False)
     body = f"[{args_json},{kwargs_json},{json.dumps(_EMBED, separators=(',', ':'))}]"
-    return body, args_json, kwargs_json
+    if msg.headers:
+        json.dumps(msg.headers, ensure_ascii=False).encode()
+    return body.encode(), args_json, kwargs_json
+
+
+def refusal(exc: BaseException) -> str | None:
+    """The broker's refusal of one message in ``exc`` (Redis: WRONGTYPE, an ACL on the
+    key), or None if it is anything else (a lost connection, a broker refusing all)."""
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ResponseError):
+            text = str(err)
+            code = text.split("caused error: ", 1)[-1].split(" ", 1)[0]
+            return None if code in BROKER_WIDE else text
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class KombuPublisher:
@@ -149,24 +178,37 @@ class KombuPublisher:
         self._ensure()
         assert self._conn is not None and self._producer is not None
         producer, origin = self._producer, self.origin
+        refused: dict[int, str] = {}
         try:
             # Producer.batch is new in kombu 5.7 (the stubs do not know it yet).
             with cast(Any, producer).batch(self._batch_size):
-                for msg in messages:
-                    body, args_json, kwargs_json = task_body(msg)
+                for i, msg in enumerate(messages):
+                    try:
+                        body, args_json, kwargs_json = task_body(msg)
+                    except (UnicodeError, ValueError, TypeError, RecursionError) as exc:
+                        refused[i] = f"cannot encode the message: {exc!r}"
+                        continue
                     producer.publish(
                         body,
-                        routing_key=msg.queue,
-                        exchange="",
+                        routing_key=msg.routing_key or msg.queue,
+                        exchange=msg.exchange,
                         content_type="application/json",
                         content_encoding="utf-8",
                         headers=task_headers(msg, origin, args_json, kwargs_json),
+                        priority=msg.priority or 0,  # 0: the transport's default
                         delivery_mode=2,
                         correlation_id=msg.task_id,
                         reply_to="",
                     )
         except self._errors(self._conn) as exc:
-            raise self._fail(exc, "publish") from exc
+            why = refusal(exc)
+            if why is None:
+                raise self._fail(exc, "publish") from exc
+            # The broker answered: the connection is fine, a message (which one a
+            # pipeline does not say) is not.
+            raise MessageRejectedError(f"the broker refused a message: {why}") from exc
+        if refused:
+            raise MessageRejectedError(f"{len(refused)} message(s) cannot be encoded", refused)
 
     # ---------------------------------------------------------------- acks
     def drain_acks(self, timeout: float, limit: int = 1000) -> list[Ack]:

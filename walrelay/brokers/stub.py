@@ -3,13 +3,23 @@ suite runs it beside the real ones)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..broker import Ack, TaskMessage
-from ..errors import BrokerUnavailableError
+from ..errors import BrokerUnavailableError, MessageRejectedError
+
+
+def encoding_error(msg: TaskMessage) -> str | None:
+    """Why ``msg`` cannot be sent as UTF-8 JSON (a lone surrogate), as kombu would fail."""
+    try:
+        json.dumps([msg.args, msg.kwargs, msg.headers], ensure_ascii=False).encode()
+    except (UnicodeError, TypeError, ValueError) as exc:
+        return f"cannot encode: {exc!r}"
+    return None
 
 
 @dataclass
@@ -17,7 +27,12 @@ class MemoryPublisher:
     """In-memory broker and publisher for unit tests: queues are deques of TaskMessage,
     acks a deque. ``restart()`` empties everything and starts a new session, as a Redis
     restart without persistence does; ``down = True`` makes every call fail, and the
-    session after such a failure is a new one (the connection was lost)."""
+    session after such a failure is a new one (the connection was lost).
+
+    Refusals as the real one meets them: a message that cannot be encoded is refused
+    (by position; the others are published), and publishing to a queue in
+    ``wrong_type`` (a Redis key that is not a list) publishes the rest of the batch and
+    raises without saying which (as a Redis pipeline does)."""
 
     wal_id: str
     queues: dict[str, deque[TaskMessage]] = field(default_factory=dict)
@@ -25,6 +40,7 @@ class MemoryPublisher:
     down: bool = False
     generation: int = 0
     published: int = 0
+    wrong_type: set[str] = field(default_factory=set)
     _lost: bool = False
 
     def _check(self) -> None:
@@ -34,9 +50,22 @@ class MemoryPublisher:
 
     def publish(self, messages: Sequence[TaskMessage]) -> None:
         self._check()
-        for msg in messages:
-            self.queues.setdefault(msg.queue, deque()).append(msg)
-        self.published += len(messages)
+        refused: dict[int, str] = {}
+        wrong = False
+        for i, msg in enumerate(messages):
+            error = encoding_error(msg)
+            if error is not None:
+                refused[i] = error
+            elif msg.queue in self.wrong_type:
+                wrong = True
+            else:
+                self.queues.setdefault(msg.queue, deque()).append(msg)
+                self.published += 1
+        if wrong:
+            raise MessageRejectedError("WRONGTYPE Operation against a key holding the wrong "
+                                       "kind of value")  # fmt: skip
+        if refused:
+            raise MessageRejectedError(f"{len(refused)} message(s) refused", refused)
 
     def drain_acks(self, timeout: float, limit: int = 1000) -> list[Ack]:
         self._check()

@@ -24,6 +24,7 @@ from ..brokers.kombu import KombuPublisher
 from ..deadletters import DeadLetterStore
 from ..errors import PumpLockedError
 from ..metrics import Exporter, exporter_from_env, pump_registry
+from ..policy import app_policy
 from ..pump import Pump
 from ..relay import Relay
 from ..settings import DEFAULT_WAL_DIR, RelaySettings
@@ -61,6 +62,8 @@ def pump_config(settings: RelaySettings, window: int | None = None) -> PumpConfi
         max_ack_timeout=max(settings.pump_max_ack_timeout, settings.pump_ack_timeout),
         retry_delay=settings.pump_retry_delay,
         max_attempts=settings.pump_max_attempts,
+        stall_timeout=settings.pump_stall_timeout,
+        carry_after=settings.pump_carry_after,
     )
 
 
@@ -113,11 +116,13 @@ def pump(ctx: click.Context, wal_dir: str | None, window: int | None, loglevel: 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    policy = app_policy(app, settings.pump_queues)
     wal = Wal.open(directory, Options.from_env())
     publisher = KombuPublisher(app.connection_for_write, wal.wal_id)
     exporter: Exporter | None = None
     try:
-        runner = Pump(wal, publisher, DeadLetterStore(directory), pump_config(settings, window))
+        runner = Pump(wal, publisher, DeadLetterStore(directory), pump_config(settings, window),
+                      policy=policy)  # fmt: skip
         exporter = serve_metrics(runner)
         runner.run(stop)
     finally:

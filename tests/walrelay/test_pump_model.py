@@ -1,0 +1,418 @@
+"""The pump as a state machine (issue 9), property-based: the real ``Pump`` on a real log
+(in tmpfs) against a model of a broker and its workers, with a simulated clock.
+
+The broker: FIFO queues consumed by slow workers (a few tasks a second each) that may
+lose a delivery (taken, never acked), run one twice, or ack without naming the copy (an
+older worker); tasks that fail a few times or always; the broker restarting empty (a new
+session), going away and coming back (a reconnection); workers stopping for a while.
+Records: good ones, and poison of every kind, alone or beside good tasks in the same
+record: undecodable bytes, a task name or queue the policy refuses, a task that cannot
+be encoded (a lone surrogate), a queue the broker refuses (WRONGTYPE), a queue no worker
+consumes. The pump: read errors that lose what the failed read parsed, a dead-letter
+store that cannot write, crashes (between steps and in the middle of a publish) and
+restarts.
+
+Invariants, after every step:
+- nothing below the low water mark (persisted or the pump's own) is unconfirmed and not
+  dead-lettered;
+- no dead letter without a reason: every dead task is poison or failed or was lost at
+  least once (and its attempts were real failures and losses);
+- no loss counted that did not happen (losses <= deliveries the model dropped);
+- copies published per task <= 1 + broker sessions + pump restarts + its failures + its
+  lost deliveries + batches of its that the broker refused + one per max ack timeout it
+  waited (a queue not moving);
+and ``drain_and_check``: with the broker up and the workers running, every record ends
+confirmed or dead-lettered and the low water mark reaches the end of the log.
+
+More examples: ``PUMP_MODEL_EXAMPLES=20000 pytest tests/walrelay/test_pump_model.py``
+(``PUMP_MODEL_STEPS`` sets the steps per example).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from tests.support.faultfs import SimulatedCrash
+from tests.support.pumprig import Clock, FlakyReader
+from walrelay.broker import Ack, TaskMessage
+from walrelay.brokers.stub import MemoryPublisher
+from walrelay.deadletters import DeadLetter, DeadLetterStore
+from walrelay.errors import MessageRejectedError
+from walrelay.policy import TaskPolicy
+from walrelay.pump import Pump, PumpConfig
+from walrelay.record import Entry, TaskSpec, parse_task_id, task_id
+from walstore import Options, SyncPolicy, Wal
+
+pytestmark = pytest.mark.timeout(600)
+
+EXAMPLES = int(os.environ.get("PUMP_MODEL_EXAMPLES", "1000"))
+STEPS = int(os.environ.get("PUMP_MODEL_STEPS", "30"))
+
+CONFIG = PumpConfig(
+    window=6, read_batch=4, ack_timeout=2.0, max_ack_timeout=10.0, retry_delay=1.0,
+    max_retry_delay=8.0, max_attempts=3, stall_timeout=300.0, carry_after=60.0, max_parked=5,
+    checkpoint_interval=0.5, session_interval=0.5, idle_wait=0.5, ack_interval=0.5,
+    max_reconnect_delay=2.0, log_interval=1e9,
+)  # fmt: skip
+QUEUES = ("warehouse", "finance")  # consumed
+TANGLED = "tangled"  # a broker key that is not a list: the broker refuses it
+NOBODY = "nobody"  # allowed, never consumed
+POLICY = TaskPolicy(frozenset({"m.work"}), frozenset({*QUEUES, TANGLED, NOBODY}))
+RATES = st.sampled_from([0.3, 1.0, 4.0])  # tasks/s a queue's workers run (slow: backlogs)
+MAX_AWAY = 100.0  # workers and the broker come back within this (< stall_timeout)
+POISON = ("unknown", "secret", "surrogate", "tangled", "nobody")
+KINDS = st.sampled_from(["good"] * 6 + ["flaky1", "flaky2", "doomed", *POISON])
+UNDECODABLE = st.sampled_from([b"\xff\xfe", b"[" * 3000, b'{"v": 9, "tasks": []}', b"{}"])
+FATES = st.lists(st.sampled_from(["ok"] * 6 + ["drop", "dup", "noecho"]), min_size=1, max_size=6)
+
+
+@dataclass
+class TaskModel:
+    kind: str
+    queue: str
+    fail_budget: int  # runs that will fail before one succeeds
+    failures: int = 0
+    drops: int = 0
+    succeeded: bool = False
+    copies: int = 0
+    first_published: float | None = None
+    batch_failures: int = 0
+
+
+class ModelBroker(MemoryPublisher):
+    """The memory broker, counting the copies that land and the batches it refuses, and
+    able to kill the pump in the middle of a publish."""
+
+    def __init__(self, wal_id: str, machine: PumpMachine) -> None:
+        super().__init__(wal_id)
+        self.machine = machine
+        self.crash_next = False
+        self.wrong_type.add(TANGLED)
+
+    def publish(self, messages: Sequence[TaskMessage]) -> None:
+        if self.crash_next and not self.down:
+            self.crash_next = False
+            raise SimulatedCrash("the pump is killed in the middle of a publish")
+        lengths = {q: len(d) for q, d in self.queues.items()}
+        try:
+            super().publish(messages)
+        except MessageRejectedError:
+            if len(messages) > 1:
+                for msg in messages:
+                    self.machine.task(msg.task_id).batch_failures += 1
+            raise
+        finally:
+            for q, d in self.queues.items():
+                for msg in itertools.islice(d, lengths.get(q, 0), None):
+                    self.machine.landed(msg)
+
+
+class PumpMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.dir = tempfile.mkdtemp(prefix="pump-model-", dir=base)
+        self.clock = Clock()
+        options = Options(segment_bytes=4160, sync=SyncPolicy.NONE)
+        self.wal = Wal.open(os.path.join(self.dir, "wal"), options)
+        real_reader = self.wal.reader
+        self.read_faults: list[bool] = []
+
+        def reader(lsn: int | None = None) -> Any:
+            return FlakyReader(real_reader(lsn), self.read_faults)
+
+        self.wal.reader = reader  # type: ignore[method-assign,assignment]
+        self.broker = ModelBroker(self.wal.wal_id, self)
+        self.letters = DeadLetterStore(os.path.join(self.dir, "wal"))
+        self.letters_broken = False
+        real_add = self.letters.add
+
+        def add(letter: DeadLetter) -> None:
+            if self.letters_broken:
+                raise OSError(28, "No space left on device")
+            real_add(letter)
+
+        self.letters.add = add  # type: ignore[method-assign]
+        self.tasks: dict[str, TaskModel] = {}
+        self.records: list[dict[str, str] | None] = []  # per LSN: target -> task id
+        self.stopped: dict[str, float] = {}  # queue -> since when
+        self.rates = dict.fromkeys(QUEUES, 4.0)
+        self.credit = dict.fromkeys(QUEUES, 0.0)
+        self.down_since: float | None = None
+        self.restarts = 0
+        self.lost_before = 0  # losses counted by pumps that are gone
+        self.drops = 0
+        self.lwm = 0
+        self.pump = self.new_pump()
+
+    def new_pump(self) -> Pump:
+        return Pump(self.wal, self.broker, self.letters, CONFIG, clock=self.clock,
+                    sleep=self.clock.advance, wall=self.clock.wall, policy=POLICY)  # fmt: skip
+
+    def teardown(self) -> None:
+        self.wal.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def task(self, tid: str) -> TaskModel:
+        return self.tasks[tid]
+
+    def landed(self, msg: TaskMessage) -> None:
+        t = self.tasks[msg.task_id]
+        t.copies += 1
+        if t.first_published is None:
+            t.first_published = self.clock.now
+
+    # ------------------------------------------------------------------ the log
+    @initialize(n=st.integers(0, 3))
+    def start(self, n: int) -> None:
+        for _ in range(n):
+            self.append(["good"], None)
+
+    @rule(kinds=st.lists(KINDS, min_size=1, max_size=3), undecodable=st.none() | UNDECODABLE)
+    def append(self, kinds: list[str], undecodable: bytes | None) -> None:
+        lsn = self.wal.next_lsn()
+        if undecodable is not None:
+            assert self.wal.append(undecodable) == lsn
+            self.records.append(None)
+            return
+        specs, ids = [], {}
+        for i, kind in enumerate(kinds):
+            target = f"t{i}"
+            queue = {"secret": "secret", "tangled": TANGLED, "nobody": NOBODY}.get(
+                kind, QUEUES[(lsn + i) % 2]
+            )
+            name = "m.unknown" if kind == "unknown" else "m.work"
+            args: list[Any] = ["\ud800"] if kind == "surrogate" else [lsn, target]
+            specs.append(TaskSpec(target, name, queue, args))
+            budget = {"flaky1": 1, "flaky2": 2, "doomed": 10**9}.get(kind, 0)
+            tid = task_id(self.wal.wal_id, lsn, target)
+            self.tasks[tid] = TaskModel(kind, queue, budget)
+            ids[target] = tid
+        assert self.wal.append(Entry(f"k{lsn}", tuple(specs)).encode()) == lsn
+        self.records.append(ids)
+
+    # ------------------------------------------------------------------ time and workers
+    @rule(seconds=st.sampled_from([0.2, 1.0, 3.0, 8.0, 25.0, 60.0]), fates=FATES)
+    def advance(self, seconds: float, fates: list[str]) -> None:
+        end = self.clock.now + seconds
+        cycle = itertools.cycle(fates)
+        while self.clock.now < end:
+            step = min(2.0, end - self.clock.now)
+            self.clock.advance(step)
+            self.come_back()
+            self.work(step, cycle)
+            self.step_pump()
+
+    def come_back(self) -> None:
+        now = self.clock.now
+        for queue, since in list(self.stopped.items()):
+            if now - since >= MAX_AWAY:
+                del self.stopped[queue]
+        if self.down_since is not None and now - self.down_since >= MAX_AWAY:
+            self.broker_up()
+
+    def work(self, seconds: float, fates: Any) -> None:
+        if self.broker.down:
+            return
+        for queue in QUEUES:
+            if queue in self.stopped:
+                continue
+            self.credit[queue] += self.rates[queue] * seconds
+            n = int(self.credit[queue])
+            self.credit[queue] -= n
+            for msg in self.broker.take(queue, n):
+                self.run(msg, next(fates))
+
+    def run(self, msg: TaskMessage, fate: str) -> None:
+        t = self.tasks[msg.task_id]
+        if fate == "drop":
+            t.drops += 1
+            self.drops += 1
+            return
+        parsed = parse_task_id(msg.task_id)
+        assert parsed is not None
+        copy = None if fate == "noecho" else msg.copy
+        for _ in range(2 if fate == "dup" else 1):
+            if t.fail_budget > 0:
+                t.fail_budget -= 1
+                t.failures += 1
+                self.broker.send_ack(Ack(*parsed, ok=False, error="Boom()", copy=copy))
+            else:
+                t.succeeded = True
+                self.broker.send_ack(Ack(*parsed, ok=True, copy=copy))
+
+    def step_pump(self) -> None:
+        try:
+            self.pump.step()
+        except SimulatedCrash:
+            self.restart_pump(graceful=False)
+
+    @rule(queue=st.sampled_from(QUEUES))
+    def stop_workers(self, queue: str) -> None:
+        self.stopped.setdefault(queue, self.clock.now)
+
+    @rule(queue=st.sampled_from(QUEUES))
+    def start_workers(self, queue: str) -> None:
+        self.stopped.pop(queue, None)
+
+    @rule(queue=st.sampled_from(QUEUES), rate=RATES)
+    def workers_rate(self, queue: str, rate: float) -> None:
+        self.rates[queue] = rate
+
+    @rule(queue=st.sampled_from(QUEUES), seconds=st.sampled_from([12.0, 30.0, 60.0]),
+          rate=RATES, fates=FATES)  # fmt: skip
+    def workers_away_then_slow(
+        self, queue: str, seconds: float, rate: float, fates: list[str]
+    ) -> None:
+        """Longer than the max ack timeout (the pump probes the queue), then a backlog."""
+        self.stop_workers(queue)
+        self.advance(seconds, fates)
+        self.start_workers(queue)
+        self.workers_rate(queue, rate)
+        self.advance(seconds, fates)
+
+    # ------------------------------------------------------------------ the broker
+    @rule()
+    def broker_restart(self) -> None:
+        self.broker.restart()  # empty: every queued task and ack is gone
+
+    @rule()
+    def broker_down(self) -> None:
+        self.broker.down = True
+        if self.down_since is None:
+            self.down_since = self.clock.now
+
+    @rule()
+    def broker_up(self) -> None:
+        self.broker.down = False
+        self.down_since = None
+
+    # ------------------------------------------------------------------ the pump
+    @rule(n=st.integers(1, 3))
+    def read_errors(self, n: int) -> None:
+        self.read_faults.extend([True] * n)
+
+    @rule(broken=st.booleans())
+    def dead_letter_store(self, broken: bool) -> None:
+        self.letters_broken = broken
+
+    @rule(graceful=st.booleans())
+    def restart_pump(self, graceful: bool) -> None:
+        if graceful:
+            self.pump.checkpoint(force=True)
+        self.lost_before += self.pump.stats.lost
+        self.restarts += 1
+        self.pump = self.new_pump()
+
+    @rule()
+    def crash_in_the_next_publish(self) -> None:
+        self.broker.crash_next = True
+
+    @rule()
+    def drain_and_check(self) -> None:
+        """Everything healed: every record ends confirmed or dead-lettered."""
+        self.stopped.clear()
+        self.rates = dict.fromkeys(QUEUES, 4.0)
+        self.broker_up()
+        self.read_faults.clear()
+        self.letters_broken = False
+        for _ in range(800):
+            self.advance(5.0, ["ok"])
+            if self.settled():
+                break
+        self.pump.checkpoint(force=True)
+        end = self.wal.next_lsn()
+        assert self.pump.low_water_mark() == self.wal.low_water_mark() == end, self.where()
+        assert not self.pump.inflight and not len(self.pump.parking)
+        self.check_below(end, self.dead())
+
+    def settled(self) -> bool:
+        pump = self.pump
+        return (
+            not pump.inflight
+            and not len(pump.parking)
+            and pump.low_water_mark() == self.wal.high_water_mark()
+        )
+
+    def where(self) -> str:
+        return (f"now={self.clock.now} lwm={self.wal.low_water_mark()} "
+                f"mem={self.pump.low_water_mark()} next={self.wal.next_lsn()} "
+                f"inflight={list(self.pump.inflight)} stats={self.pump.stats}")  # fmt: skip
+
+    # ------------------------------------------------------------------ invariants
+    def dead(self) -> dict[int, DeadLetter]:
+        return {d.lsn: d for d in self.letters.list()}
+
+    def check_below(self, lwm: int, letters: dict[int, DeadLetter]) -> None:
+        for lsn in range(lwm):
+            ids = self.records[lsn]
+            if ids is None:
+                assert lsn in letters, f"undecodable record {lsn} below the mark, no dead letter"
+                continue
+            for target, tid in ids.items():
+                dead = lsn in letters and target in letters[lsn].targets
+                assert self.tasks[tid].succeeded or dead, (
+                    f"task {tid} below the mark {lwm}: neither confirmed nor dead; {self.where()}"
+                )
+
+    @invariant()
+    def hold(self) -> None:
+        letters = self.dead()
+        self.nothing_unconfirmed_below_the_watermark(letters)
+        self.no_dead_letter_without_a_reason(letters)
+        self.no_loss_counted_that_did_not_happen()
+        self.copies_are_bounded()
+
+    def nothing_unconfirmed_below_the_watermark(self, letters: dict[int, DeadLetter]) -> None:
+        persisted = self.wal.low_water_mark()
+        assert persisted >= self.lwm  # never back
+        self.lwm = persisted
+        self.check_below(max(persisted, self.pump.low_water_mark()), letters)
+
+    def no_dead_letter_without_a_reason(self, letters: dict[int, DeadLetter]) -> None:
+        for lsn, letter in letters.items():
+            assert letter.reason
+            ids = self.records[lsn]
+            if ids is None:
+                assert "undecodable" in letter.reason
+                continue
+            for target, info in letter.targets.items():
+                t = self.tasks[ids[target]]
+                if t.kind in POISON:
+                    continue
+                assert t.failures + t.drops >= 1, (target, t, letter.reason)
+                assert info["attempts"] <= t.failures + t.drops, (target, t, letter.reason)
+
+    def no_loss_counted_that_did_not_happen(self) -> None:
+        assert self.lost_before + self.pump.stats.lost <= self.drops
+
+    def copies_are_bounded(self) -> None:
+        sessions = self.broker.generation
+        for tid, t in self.tasks.items():
+            if t.first_published is None:
+                continue
+            waited = self.clock.now - t.first_published
+            bound = (1 + sessions + self.restarts + t.failures + t.drops + t.batch_failures
+                     + math.floor(waited / CONFIG.max_ack_timeout) + 1)  # fmt: skip
+            assert t.copies <= bound, (tid, t, sessions, self.restarts, waited)
+
+
+PumpMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TestPump = PumpMachine.TestCase

@@ -90,7 +90,8 @@ class Parking:
         return out
 
     def carriable(self, now: float, after: float, limit: int) -> Iterator[Parked]:
-        """Held records parked ``after`` seconds or more, oldest first."""
+        """Held records parked ``after`` seconds or more and due later than ``after``
+        seconds from now (sooner, they will leave soon enough), oldest first."""
         carry = self._carry
         while carry:
             identity, lsn = carry[0]
@@ -105,4 +106,5 @@ class Parking:
                 continue
             if p.parked_at + after > now:
                 return
-            yield p
+            if p.due - now > after:
+                yield p

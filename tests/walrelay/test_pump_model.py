@@ -8,9 +8,10 @@ session), going away and coming back (a reconnection); workers stopping for a wh
 Records: good ones, and poison of every kind, alone or beside good tasks in the same
 record: undecodable bytes, a task name or queue the policy refuses, a task that cannot
 be encoded (a lone surrogate), a queue the broker refuses (WRONGTYPE), a queue no worker
-consumes. The pump: read errors that lose what the failed read parsed, a dead-letter
-store that cannot write, crashes (between steps and in the middle of a publish) and
-restarts.
+consumes. Version-2 options: countdowns (held by the pump, carried forward when long),
+expiries, order keys. The pump: read errors that lose what the failed read parsed, a
+dead-letter store that cannot write, crashes (between steps and in the middle of a
+publish) and restarts.
 
 Invariants, after every step:
 - nothing below the low water mark (persisted or the pump's own) is unconfirmed and not
@@ -21,6 +22,8 @@ Invariants, after every step:
 - copies published per task <= 1 + broker sessions + pump restarts + its failures + its
   lost deliveries + batches of its that the broker refused + one per max ack timeout it
   waited (a queue not moving);
+- no task published before its eta; no record of an order key published before every
+  earlier record of its key is done (confirmed, dead-lettered or expired);
 and ``drain_and_check``: with the broker up and the workers running, every record ends
 confirmed or dead-lettered and the low water mark reaches the end of the log.
 
@@ -52,7 +55,7 @@ from walrelay.deadletters import DeadLetter, DeadLetterStore
 from walrelay.errors import MessageRejectedError
 from walrelay.policy import TaskPolicy
 from walrelay.pump import Pump, PumpConfig
-from walrelay.record import Entry, TaskSpec, parse_task_id, task_id
+from walrelay.record import Entry, TaskSpec, decode, parse_task_id, task_id
 from walstore import Options, SyncPolicy, Wal
 
 pytestmark = pytest.mark.timeout(600)
@@ -75,6 +78,9 @@ MAX_AWAY = 100.0  # workers and the broker come back within this (< stall_timeou
 POISON = ("unknown", "secret", "surrogate", "tangled", "nobody")
 KINDS = st.sampled_from(["good"] * 6 + ["flaky1", "flaky2", "doomed", *POISON])
 UNDECODABLE = st.sampled_from([b"\xff\xfe", b"[" * 3000, b'{"v": 9, "tasks": []}', b"{}"])
+ETAS = st.none() | st.sampled_from([5.0, 30.0, 200.0])  # countdowns: seconds
+EXPIRES = st.none() | st.none() | st.sampled_from([20.0, 400.0])
+ORDER_KEYS = st.none() | st.sampled_from(["k1", "k2"])
 FATES = st.lists(st.sampled_from(["ok"] * 6 + ["drop", "dup", "noecho"]), min_size=1, max_size=6)
 
 
@@ -83,6 +89,9 @@ class TaskModel:
     kind: str
     queue: str
     fail_budget: int  # runs that will fail before one succeeds
+    record: int  # the LSN (identity) of its record
+    eta: float | None = None  # unix time: never published before
+    expires: float | None = None  # unix time: done (by the pump) once past
     failures: int = 0
     drops: int = 0
     succeeded: bool = False
@@ -127,7 +136,7 @@ class PumpMachine(RuleBasedStateMachine):
         self.clock = Clock()
         options = Options(segment_bytes=4160, sync=SyncPolicy.NONE)
         self.wal = Wal.open(os.path.join(self.dir, "wal"), options)
-        real_reader = self.wal.reader
+        real_reader = self.real_reader = self.wal.reader
         self.read_faults: list[bool] = []
 
         def reader(lsn: int | None = None) -> Any:
@@ -146,7 +155,9 @@ class PumpMachine(RuleBasedStateMachine):
 
         self.letters.add = add  # type: ignore[method-assign]
         self.tasks: dict[str, TaskModel] = {}
-        self.records: list[dict[str, str] | None] = []  # per LSN: target -> task id
+        # Per LSN the model appended: target -> task id (None: undecodable); its order key.
+        self.records: dict[int, dict[str, str] | None] = {}
+        self.order_keys: dict[int, str] = {}
         self.stopped: dict[str, float] = {}  # queue -> since when
         self.rates = dict.fromkeys(QUEUES, 4.0)
         self.credit = dict.fromkeys(QUEUES, 0.0)
@@ -171,23 +182,60 @@ class PumpMachine(RuleBasedStateMachine):
     def landed(self, msg: TaskMessage) -> None:
         t = self.tasks[msg.task_id]
         t.copies += 1
+        assert t.eta is None or self.clock.wall() >= t.eta, f"{msg.task_id} before its eta"
         if t.first_published is None:
             t.first_published = self.clock.now
+            self.check_order(t.record)
+
+    def check_order(self, lsn: int) -> None:
+        """A record of an order key goes only once every earlier one of its key is done."""
+        key = self.order_keys.get(lsn)
+        if key is None:
+            return
+        letters = self.dead()
+        for earlier, k in self.order_keys.items():
+            if k == key and earlier < lsn:
+                ids = self.records[earlier]
+                assert ids is not None
+                for target, tid in ids.items():
+                    assert self.finished(tid, earlier, target, letters), (
+                        f"record {lsn} of order key {key} published before {earlier} was done"
+                    )
+
+    def finished(self, tid: str, lsn: int, target: str, letters: dict[int, DeadLetter]) -> bool:
+        t = self.tasks[tid]
+        dead = lsn in letters and target in letters[lsn].targets
+        expired = t.expires is not None and self.clock.wall() >= t.expires
+        return t.succeeded or dead or expired
 
     # ------------------------------------------------------------------ the log
     @initialize(n=st.integers(0, 3))
     def start(self, n: int) -> None:
         for _ in range(n):
-            self.append(["good"], None)
+            self.append(["good"], None, None, None, None)
 
-    @rule(kinds=st.lists(KINDS, min_size=1, max_size=3), undecodable=st.none() | UNDECODABLE)
-    def append(self, kinds: list[str], undecodable: bytes | None) -> None:
+    @rule(kinds=st.lists(KINDS, min_size=1, max_size=3), undecodable=st.none() | UNDECODABLE,
+          eta=ETAS, expires=EXPIRES, order_key=ORDER_KEYS)  # fmt: skip
+    def append(
+        self,
+        kinds: list[str],
+        undecodable: bytes | None,
+        eta: float | None = None,
+        expires: float | None = None,
+        order_key: str | None = None,
+    ) -> None:
         lsn = self.wal.next_lsn()
         if undecodable is not None:
             assert self.wal.append(undecodable) == lsn
-            self.records.append(None)
+            self.records[lsn] = None
             return
         specs, ids = [], {}
+        wall = self.clock.wall()
+        options: dict[str, Any] = {}
+        if eta is not None:
+            options["eta"] = wall + eta
+        if expires is not None:
+            options["expires"] = wall + expires
         for i, kind in enumerate(kinds):
             target = f"t{i}"
             queue = {"secret": "secret", "tangled": TANGLED, "nobody": NOBODY}.get(
@@ -195,13 +243,28 @@ class PumpMachine(RuleBasedStateMachine):
             )
             name = "m.unknown" if kind == "unknown" else "m.work"
             args: list[Any] = ["\ud800"] if kind == "surrogate" else [lsn, target]
-            specs.append(TaskSpec(target, name, queue, args))
+            specs.append(TaskSpec(target, name, queue, args, {}, dict(options)))
             budget = {"flaky1": 1, "flaky2": 2, "doomed": 10**9}.get(kind, 0)
             tid = task_id(self.wal.wal_id, lsn, target)
-            self.tasks[tid] = TaskModel(kind, queue, budget)
+            self.tasks[tid] = TaskModel(kind, queue, budget, lsn, options.get("eta"),
+                                        options.get("expires"))  # fmt: skip
             ids[target] = tid
-        assert self.wal.append(Entry(f"k{lsn}", tuple(specs)).encode()) == lsn
-        self.records.append(ids)
+        entry = Entry(f"k{lsn}", tuple(specs), order_key=order_key)
+        assert self.wal.append(entry.encode()) == lsn
+        self.records[lsn] = ids
+        if order_key is not None:
+            self.order_keys[lsn] = order_key
+
+    def ids_at(self, lsn: int) -> dict[str, str] | None:
+        """The tasks of the record at ``lsn``: one the model appended, or one the pump
+        carried forward (the same tasks as its origin's)."""
+        if lsn in self.records:
+            return self.records[lsn]
+        entry = decode(self.payload(lsn))
+        assert entry.origin is not None and entry.origin in self.records, (lsn, entry)
+        origin = self.records[entry.origin]
+        assert origin is not None and {t.target for t in entry.tasks} == set(origin)
+        return origin
 
     # ------------------------------------------------------------------ time and workers
     @rule(seconds=st.sampled_from([0.2, 1.0, 3.0, 8.0, 25.0, 60.0]), fates=FATES)
@@ -355,15 +418,40 @@ class PumpMachine(RuleBasedStateMachine):
     def dead(self) -> dict[int, DeadLetter]:
         return {d.lsn: d for d in self.letters.list()}
 
+    def payload(self, lsn: int) -> bytes:
+        reader = self.real_reader(lsn)
+        try:
+            ((_, payload),) = reader.read(1)
+        finally:
+            reader.close()
+        return payload
+
+    def carried_above(self, lwm: int) -> set[int]:
+        """Identities of the records the pump carried forward to LSNs at or above ``lwm``."""
+        out = set()
+        for lsn in range(lwm, self.wal.next_lsn()):
+            if lsn not in self.records:
+                origin = decode(self.payload(lsn)).origin
+                assert origin is not None
+                out.add(origin)
+        return out
+
     def check_below(self, lwm: int, letters: dict[int, DeadLetter]) -> None:
+        """Every task of every record below ``lwm`` is done, or its record was carried
+        forward to an LSN not below ``lwm`` (the same task, still in the log)."""
+        carried: set[int] | None = None
         for lsn in range(lwm):
-            ids = self.records[lsn]
+            ids = self.ids_at(lsn)
             if ids is None:
                 assert lsn in letters, f"undecodable record {lsn} below the mark, no dead letter"
                 continue
+            identity = self.tasks[next(iter(ids.values()))].record
             for target, tid in ids.items():
-                dead = lsn in letters and target in letters[lsn].targets
-                assert self.tasks[tid].succeeded or dead, (
+                if self.finished(tid, identity, target, letters):
+                    continue
+                if carried is None:
+                    carried = self.carried_above(lwm)
+                assert identity in carried, (
                     f"task {tid} below the mark {lwm}: neither confirmed nor dead; {self.where()}"
                 )
 
@@ -384,7 +472,7 @@ class PumpMachine(RuleBasedStateMachine):
     def no_dead_letter_without_a_reason(self, letters: dict[int, DeadLetter]) -> None:
         for lsn, letter in letters.items():
             assert letter.reason
-            ids = self.records[lsn]
+            ids = self.records[lsn]  # a dead letter keeps the identity of the first LSN
             if ids is None:
                 assert "undecodable" in letter.reason
                 continue

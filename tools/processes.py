@@ -314,6 +314,9 @@ class Processes:
             log = self.logdir / f"{len(self.started) + 1:02d}-{role}.log"
             full = {**self.env(env), READY_DIR_ENV: str(self.logdir)}
             proc = spawn(role, argv, log, cwd=self.cwd, env=full)
+            # A ready file of an earlier process that had this pid is not this one's (the
+            # new process is still starting: it cannot have written its own yet).
+            proc.ready_file.unlink(missing_ok=True)
             self.started.append(proc)
             return proc
 

@@ -93,7 +93,7 @@ def relay_pump(app: Any, wal_dir: Path, n: int, tag: str) -> float:
         entries = [purchase_entry(purchase(f"{tag}-{i}")).encode() for i in range(n)]
         for i in range(0, n, 1000):
             wal.append_batch(entries[i : i + 1000])
-        publisher = KombuPublisher(app.connection_for_write, wal.wal_id)
+        publisher = KombuPublisher.for_app(app, wal.wal_id)
         pump = Pump(wal, publisher, DeadLetterStore(str(wal_dir)), PumpConfig(window=n))
         started = time.perf_counter()
         while pump.stats.published < 2 * n and time.perf_counter() - started < 120:

@@ -5,7 +5,8 @@ Celery-free: it talks to a ``Publisher`` (walrelay.broker), so the same logic ru
 against the in-memory stub in unit tests and against kombu in production.
 
 One step: check the broker session (a new one means queued tasks may be gone: re-send
-everything in flight), read up to the free room of the window and publish, drain acks,
+everything in flight; the same one after an outage: re-send only what a failed publish
+may not have delivered), read up to the free room of the window and publish, drain acks,
 handle due timers (retries after failures, suspected losses), persist the low water
 mark at most every ``checkpoint_interval``, log at most once per ``log_interval``.
 """
@@ -97,6 +98,10 @@ class Pump:
         self.reader = wal.reader(self._persisted)
         self._session: str | None = None
         self._resend_all = False
+        # Publication order (pub_seq) of the first message a failed publish may not have
+        # delivered: it and everything published after it go again once the broker is
+        # back, if it kept its queues (otherwise everything in flight does).
+        self._unsure_from: int | None = None
         self._down_for = 0
         now = clock()
         self._next_session = self._next_checkpoint = self._next_ack = self._next_stray = now
@@ -156,6 +161,8 @@ class Pump:
                 self.stats.broker_sessions += 1
             if self._resend_all:
                 self._resend_everything()
+            elif self._unsure_from is not None:
+                self._resend_unsure()
         except BrokerUnavailableError as exc:
             self._broker_lost(exc)
             return False
@@ -167,8 +174,9 @@ class Pump:
     def _broker_lost(self, exc: BrokerUnavailableError) -> None:
         if not self.stats.broker_down:
             logger.warning("pump: broker unavailable (%s); retrying", exc)
+        # What was queued is re-sent only if the broker lost it: the next session says
+        # (a publish cut short by the outage is re-sent in any case, see _publish).
         self.stats.broker_down = True
-        self._resend_all = True  # whatever was queued may be gone
 
     # ---------------------------------------------------------------- reading
     def _fill(self, now: float) -> int:
@@ -205,9 +213,16 @@ class Pump:
         return message_for(self.wal_id, flight.lsn, target.spec)
 
     def _publish(self, messages: list[TaskMessage], resend: bool = False) -> None:
+        """Publish messages just made by ``_sent`` (so the last has pub_seq ``_pub_seq``)."""
+        first_seq = self._pub_seq - len(messages) + 1
         for i in range(0, len(messages), PUBLISH_CHUNK):
             chunk = messages[i : i + PUBLISH_CHUNK]
-            self.publisher.publish(chunk)
+            try:
+                self.publisher.publish(chunk)
+            except BrokerUnavailableError:
+                unsure = first_seq + i  # this chunk may be partly published, the rest not
+                self._unsure_from = min(unsure, self._unsure_from or unsure)
+                raise
             self.stats.published += len(chunk)
             if resend:
                 self.stats.redelivered += len(chunk)
@@ -222,6 +237,19 @@ class Pump:
         ]
         self._publish(messages, resend=True)
         self._resend_all = False
+        self._unsure_from = None
+
+    def _resend_unsure(self) -> None:
+        """Re-send what a failed publish may not have delivered (the broker kept the rest)."""
+        since, now = self._unsure_from or 0, self.clock()
+        self._unsure_from = None
+        messages = [
+            self._sent(flight, target, now)
+            for flight in self.inflight.values()
+            for target in flight.targets.values()
+            if not target.retry_pending and target.pub_seq >= since
+        ]
+        self._publish(messages, resend=True)
 
     # ---------------------------------------------------------------- acks and timers
     def _apply_acks(self, acks: Iterable[Ack]) -> None:

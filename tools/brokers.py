@@ -1,0 +1,230 @@
+"""One interface over the private brokers the tests, the chaos command and the
+benchmarks start: Redis (``tools.redis_server``), RabbitMQ (``tools.rabbitmq_server``)
+and a Redis Sentinel set (``tools.sentinel``), so that one fault suite runs against each.
+
+The faults, in each broker's own terms:
+
+- ``crash``: Redis: kill -9 (its data is gone). RabbitMQ: kill -9 of the node (durable
+  data kept). Sentinel: kill -9 of the primary, returning once the replica took over.
+- ``recover``: Redis: started again, empty. RabbitMQ: started again, queues recovered.
+  Sentinel: the old primary back, as a replica.
+- ``lose_everything``: Redis: kill -9 and start empty. RabbitMQ: kill -9, wipe, start
+  (a new node). Sentinel: both data nodes killed and started empty.
+- ``pause``: SIGSTOP of the server (a hung host); for Sentinel of the primary, which the
+  sentinels then fail over.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Protocol
+
+from tools.rabbitmq_server import RabbitServer
+from tools.redis_server import RedisServer
+from tools.sentinel import Node, SentinelCluster
+
+KINDS = ("redis", "rabbitmq", "sentinel")
+
+
+class Broker(Protocol):
+    kind: str
+    # True if a crash and recovery keep what was queued (RabbitMQ's durable queues,
+    # Sentinel's replica), False if the broker comes back empty (Redis, no persistence).
+    keeps_queues: bool
+
+    @property
+    def url(self) -> str: ...
+    def env(self) -> dict[str, str]:
+        """CELERY_BROKER_URL and BROKER_TRANSPORT_OPTIONS for the pipeline's processes."""
+
+    @property
+    def running(self) -> bool: ...
+    def pids(self) -> list[int]:
+        """Processes serving it now (to tell them apart from leftovers)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def crash(self) -> None: ...
+    def recover(self) -> None: ...
+    def lose_everything(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def depth(self, queue: str) -> int:
+        """Messages waiting in ``queue``."""
+
+
+def _env(url: str, options: dict[str, object]) -> dict[str, str]:
+    return {"CELERY_BROKER_URL": url, "BROKER_TRANSPORT_OPTIONS": json.dumps(options)}
+
+
+class RedisBroker:
+    kind = "redis"
+    keeps_queues = False
+
+    def __init__(self, workdir: Path, *, session: bool = False) -> None:
+        self.server = RedisServer(workdir, session=session)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def env(self) -> dict[str, str]:
+        return _env(self.url, {})
+
+    @property
+    def running(self) -> bool:
+        return self.server.running
+
+    def pids(self) -> list[int]:
+        return [self.server.proc.pid] if self.server.proc is not None else []
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.kill()
+
+    def crash(self) -> None:
+        self.server.kill()
+
+    def recover(self) -> None:
+        self.server.start()
+
+    def lose_everything(self) -> None:
+        self.server.restart()
+
+    def pause(self) -> None:
+        self.server.pause()
+
+    def resume(self) -> None:
+        self.server.resume()
+
+    def depth(self, queue: str) -> int:
+        return int(self.server.client().llen(queue))
+
+
+class RabbitBroker:
+    kind = "rabbitmq"
+    keeps_queues = True
+
+    def __init__(
+        self, workdir: Path, *, session: bool = True, binds: tuple[str, ...] = ("127.0.0.1",)
+    ) -> None:
+        self.server = RabbitServer(workdir, session=session, binds=binds)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def env(self) -> dict[str, str]:
+        return _env(self.url, {})
+
+    @property
+    def running(self) -> bool:
+        return self.server.running
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in (self.server.proc, self.server.epmd) if p is not None]
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def crash(self) -> None:
+        self.server.kill()
+
+    def recover(self) -> None:
+        self.server.start()
+
+    def lose_everything(self) -> None:
+        self.server.restart(wipe=True)
+
+    def pause(self) -> None:
+        self.server.pause()
+
+    def resume(self) -> None:
+        self.server.resume()
+
+    def depth(self, queue: str) -> int:
+        return self.server.depth(queue)
+
+
+class SentinelBroker:
+    kind = "sentinel"
+    keeps_queues = True
+
+    def __init__(self, workdir: Path, *, session: bool = True) -> None:
+        self.cluster = SentinelCluster(workdir)
+        self.down: list[Node] = []  # crashed data nodes, for ``recover``
+        self.paused: Node | None = None
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    def env(self) -> dict[str, str]:
+        return _env(self.url, self.cluster.transport_options)
+
+    @property
+    def running(self) -> bool:
+        return any(n.running for n in self.cluster.nodes)
+
+    def pids(self) -> list[int]:
+        nodes = [*self.cluster.nodes, *self.cluster.sentinels]
+        return [n.proc.pid for n in nodes if n.proc is not None]
+
+    def start(self) -> None:
+        self.cluster.start()
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+    def crash(self) -> None:
+        """kill -9 of the primary; returns once a replica took over (a few seconds)."""
+        old = self.cluster.kill_primary()
+        self.down.append(old)
+        self.cluster.wait_failover(old)
+
+    def recover(self) -> None:
+        while self.down:
+            self.cluster.start_node(self.down.pop(0))
+        self.cluster.wait_replicated()
+
+    def lose_everything(self) -> None:
+        """Both data nodes killed and started empty (the sentinels keep their view)."""
+        primary = self.cluster.primary()
+        self.cluster.kill()
+        self.down.clear()
+        primary.start()
+        for node in self.cluster.nodes:
+            if node is not primary:
+                node.start(["--replicaof", "127.0.0.1", str(primary.port)])
+        self.cluster.wait_replicated()
+
+    def pause(self) -> None:
+        """SIGSTOP of the primary: the sentinels fail over after ``DOWN_AFTER_MS``."""
+        self.paused = self.cluster.primary()
+        self.paused.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.paused is not None:
+            self.paused.signal(signal.SIGCONT)
+            self.paused = None
+
+    def depth(self, queue: str) -> int:
+        return self.cluster.depth(queue)
+
+
+def make_broker(kind: str, workdir: Path, *, session: bool = True) -> Broker:
+    """A broker of ``kind`` (one of ``KINDS``) in ``workdir``, not started."""
+    if kind == "redis":
+        return RedisBroker(workdir, session=session)
+    if kind == "rabbitmq":
+        return RabbitBroker(workdir, session=session)
+    if kind == "sentinel":
+        return SentinelBroker(workdir, session=session)
+    raise ValueError(f"unknown broker {kind!r}: one of {', '.join(KINDS)}")

@@ -167,7 +167,7 @@ def test_acks_delivered_but_not_yet_read_survive_a_lost_connection(
     publisher.session()  # the ack queue exists
     for lsn in range(3):
         send_ack(app, Ack(wal_id, lsn, "warehouse", True))
-    first = []
+    first: list[Ack] = []
     deadline = time.monotonic() + 10
     while not first and time.monotonic() < deadline:
         first = publisher.drain_acks(0.2, limit=1)

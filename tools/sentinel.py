@@ -40,6 +40,7 @@ class Node:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    _client: redis.Redis | None = field(default=None, repr=False)
 
     def start(self, extra: list[str] | None = None) -> None:
         self.starts += 1
@@ -59,18 +60,28 @@ class Node:
         raise StackError(f"{self.name} did not start on port {self.port} (see {self.workdir})")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        """One client per node, closed with the process (no socket left to the GC)."""
+        if self._client is None:
+            self._client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return self._client
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
+        self._drop_client()
         if self.proc is not None:
             stop_process(self.proc, signal.SIGKILL)
             self.proc = None
 
     def stop(self) -> None:
+        self._drop_client()
         if self.proc is not None:
             stop_process(self.proc)
             self.proc = None

@@ -5,6 +5,7 @@ Against a private RabbitMQ node (tools.rabbitmq_server), queues per test."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from kombu import Connection, Queue
 from tasks.app import PurchaseApp, create_app
 from tasks.config import Settings
 from tools.rabbitmq_server import RabbitServer
+from walrelay import acks
 from walrelay.acks import send_ack
 from walrelay.broker import Ack, TaskMessage
 from walrelay.brokers.kombu import KombuPublisher
@@ -208,3 +210,22 @@ def test_quorum_queues_when_the_app_uses_them(rabbit_server: RabbitServer, wal_i
     finally:
         pub.close()
         app.close()
+
+
+def test_acks_have_heartbeats_and_outlive_a_dead_connection(
+    app: PurchaseApp, publisher: KombuPublisher, wal_id: str
+) -> None:
+    """Workers send acks on a connection of their own with heartbeats; one found dead
+    (reset, or closed by the broker after missed heartbeats) is replaced before use."""
+    publisher.session()
+    send_ack(app, Ack(wal_id, 1, "warehouse", True))
+    sender = acks._kombu_acks(app)
+    assert sender.conn is not None
+    assert 0 < sender.conn.connection.heartbeat <= app.conf.broker_heartbeat
+    sender.conn.connection.sock.shutdown(socket.SHUT_RDWR)  # as if the peer went away
+    send_ack(app, Ack(wal_id, 2, "warehouse", True))
+    got: list[Ack] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        got += publisher.drain_acks(0.2)
+    assert sorted(a.lsn for a in got) == [1, 2]

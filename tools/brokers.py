@@ -33,6 +33,9 @@ class Broker(Protocol):
     # True if a crash and recovery keep what was queued (RabbitMQ's durable queues,
     # Sentinel's replica), False if the broker comes back empty (Redis, no persistence).
     keeps_queues: bool
+    # True if ``crash`` returns with the broker serving again (Sentinel's failover);
+    # False if it stays down until ``recover``.
+    fails_over: bool
 
     @property
     def url(self) -> str: ...
@@ -49,8 +52,20 @@ class Broker(Protocol):
     def crash(self) -> None: ...
     def recover(self) -> None: ...
     def lose_everything(self) -> None: ...
-    def pause(self) -> None: ...
+    def down(self) -> None:
+        """Nothing serves (kill -9 of every data node) until ``up``."""
+
+    def up(self) -> None: ...
+    def heal(self) -> None:
+        """Whatever a fault left stopped or dead runs again (a supervisor's restart)."""
+
+    def pause(self) -> None:
+        """SIGSTOP (a hung host); a broker that fails over returns once it did."""
+
     def resume(self) -> None: ...
+    def kill_paused(self) -> None:
+        """kill -9 of what ``pause`` stopped (it stays down until ``heal``)."""
+
     def depth(self, queue: str) -> int:
         """Messages waiting in ``queue``."""
 
@@ -62,6 +77,7 @@ def _env(url: str, options: dict[str, object]) -> dict[str, str]:
 class RedisBroker:
     kind = "redis"
     keeps_queues = False
+    fails_over = False
 
     def __init__(self, workdir: Path, *, session: bool = False) -> None:
         self.server = RedisServer(workdir, session=session)
@@ -78,7 +94,7 @@ class RedisBroker:
         return self.server.running
 
     def pids(self) -> list[int]:
-        return [self.server.proc.pid] if self.server.proc is not None else []
+        return self.server.proc.leftovers() if self.server.proc is not None else []
 
     def start(self) -> None:
         self.server.start()
@@ -95,11 +111,25 @@ class RedisBroker:
     def lose_everything(self) -> None:
         self.server.restart()
 
+    def down(self) -> None:
+        self.server.kill()
+
+    def up(self) -> None:
+        self.server.start()
+
+    def heal(self) -> None:
+        self.server.resume()
+        if not self.server.running:
+            self.server.start()
+
     def pause(self) -> None:
         self.server.pause()
 
     def resume(self) -> None:
         self.server.resume()
+
+    def kill_paused(self) -> None:
+        self.server.kill()
 
     def depth(self, queue: str) -> int:
         return int(self.server.client().llen(queue))
@@ -108,6 +138,7 @@ class RedisBroker:
 class RabbitBroker:
     kind = "rabbitmq"
     keeps_queues = True
+    fails_over = False
 
     def __init__(
         self, workdir: Path, *, session: bool = True, binds: tuple[str, ...] = ("127.0.0.1",)
@@ -126,7 +157,8 @@ class RabbitBroker:
         return self.server.running
 
     def pids(self) -> list[int]:
-        return [p.pid for p in (self.server.proc, self.server.epmd) if p is not None]
+        return [pid for p in (self.server.proc, self.server.epmd) if p is not None
+                for pid in p.leftovers()]  # fmt: skip
 
     def start(self) -> None:
         self.server.start()
@@ -143,11 +175,25 @@ class RabbitBroker:
     def lose_everything(self) -> None:
         self.server.restart(wipe=True)
 
+    def down(self) -> None:
+        self.server.kill()
+
+    def up(self) -> None:
+        self.server.start()
+
+    def heal(self) -> None:
+        self.server.resume()
+        if not self.server.running:
+            self.server.start()
+
     def pause(self) -> None:
         self.server.pause()
 
     def resume(self) -> None:
         self.server.resume()
+
+    def kill_paused(self) -> None:
+        self.server.kill()
 
     def depth(self, queue: str) -> int:
         return self.server.depth(queue)
@@ -156,11 +202,13 @@ class RabbitBroker:
 class SentinelBroker:
     kind = "sentinel"
     keeps_queues = True
+    fails_over = True
 
     def __init__(self, workdir: Path, *, session: bool = True) -> None:
         self.cluster = SentinelCluster(workdir)
-        self.down: list[Node] = []  # crashed data nodes, for ``recover``
+        self.crashed: list[Node] = []  # killed data nodes, for ``recover``
         self.paused: Node | None = None
+        self._primary: Node | None = None  # the primary when ``down`` was called
 
     @property
     def url(self) -> str:
@@ -175,7 +223,7 @@ class SentinelBroker:
 
     def pids(self) -> list[int]:
         nodes = [*self.cluster.nodes, *self.cluster.sentinels]
-        return [n.proc.pid for n in nodes if n.proc is not None]
+        return [pid for n in nodes if n.proc is not None for pid in n.proc.leftovers()]
 
     def start(self) -> None:
         self.cluster.start()
@@ -186,33 +234,64 @@ class SentinelBroker:
     def crash(self) -> None:
         """kill -9 of the primary; returns once a replica took over (a few seconds)."""
         old = self.cluster.kill_primary()
-        self.down.append(old)
+        self.crashed.append(old)
         self.cluster.wait_failover(old)
 
     def recover(self) -> None:
-        while self.down:
-            self.cluster.start_node(self.down.pop(0))
+        while self.crashed:
+            self.cluster.start_node(self.crashed.pop(0))
         self.cluster.wait_replicated()
 
     def lose_everything(self) -> None:
         """Both data nodes killed and started empty (the sentinels keep their view)."""
-        primary = self.cluster.primary()
+        self.down()
+        self.up()
+
+    def down(self) -> None:
+        self.resume()
+        self._primary = self.cluster.primary()
         self.cluster.kill()
-        self.down.clear()
+        self.crashed.clear()
+
+    def up(self) -> None:
+        """Both data nodes started empty: first the one the sentinels call primary."""
+        primary = self._primary or self.cluster.primary()
         primary.start()
         for node in self.cluster.nodes:
             if node is not primary:
                 node.start(["--replicaof", "127.0.0.1", str(primary.port)])
         self.cluster.wait_replicated()
 
+    def heal(self) -> None:
+        self.resume()
+        stopped = [n for n in self.cluster.nodes if not n.running]
+        if len(stopped) == len(self.cluster.nodes):
+            self.up()
+            return
+        for node in stopped:
+            self.cluster.start_node(node)
+        for sentinel in self.cluster.sentinels:
+            if not sentinel.running:
+                sentinel.start()
+        self.crashed.clear()
+        self.cluster.wait_replicated()
+
     def pause(self) -> None:
-        """SIGSTOP of the primary: the sentinels fail over after ``DOWN_AFTER_MS``."""
+        """SIGSTOP of the primary; returns once the sentinels failed over (after
+        ``DOWN_AFTER_MS`` and an election: a few seconds)."""
         self.paused = self.cluster.primary()
         self.paused.signal(signal.SIGSTOP)
+        self.cluster.wait_failover(self.paused)
 
     def resume(self) -> None:
         if self.paused is not None:
             self.paused.signal(signal.SIGCONT)
+            self.paused = None
+
+    def kill_paused(self) -> None:
+        if self.paused is not None:
+            self.paused.kill()
+            self.crashed.append(self.paused)
             self.paused = None
 
     def depth(self, queue: str) -> int:

@@ -6,10 +6,11 @@ Unlike ``tools.redis_server``'s Redis, the node keeps its data (durable queues a
 persistent messages in ``mnesia/``) across ``kill``/``start``, as RabbitMQ is deployed;
 ``restart(wipe=True)`` gives a node that lost everything (a replaced node).
 
-Processes: a private ``epmd -port N`` (in the foreground: ours to stop) and
-``rabbitmq-server``'s script, which runs the Erlang VM as its child; both lead a process
-group of their own, and ``kill``/``pause`` signal the whole group (the VM and its helpers
-``erl_child_setup`` and ``inet_gethost``), found by the PID we started.
+Processes (``tools.processes.spawn``): a private ``epmd -port N`` (in the foreground:
+ours to stop) and ``rabbitmq-server``'s script, which runs the Erlang VM as its child;
+both lead a process group of their own, and ``kill``/``pause`` signal the whole group
+(the VM and its helpers ``erl_child_setup`` and ``inet_gethost``), found by the PID we
+started. Ready when an AMQP handshake succeeds (its health check).
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import amqp
 
-from tools.processes import StackError, free_port, stop_process
+from tools.processes import Proc, StackError, free_port, spawn
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the script, not the su wrapper
 START_TIMEOUT = 90.0  # a cold node boots in 5-15 s on a busy 2-core machine
@@ -80,8 +79,8 @@ class RabbitServer:
         self.binds = binds
         self.session = session  # always a group of its own: the VM is a child of a script
         self.node = f"walrelay{self.port}@localhost"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.epmd: subprocess.Popen[bytes] | None = None
+        self.proc: Proc | None = None
+        self.epmd: Proc | None = None
         self.starts = 0
 
     @property
@@ -127,43 +126,29 @@ class RabbitServer:
         (self.workdir / "rabbitmq.conf").write_text(_config(self.port, self.binds, log))
 
     def _start_epmd(self) -> None:
-        if self.epmd is not None and self.epmd.poll() is None:
+        if self.epmd is not None and self.epmd.alive:
             return
         argv = ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"]
-        with open(self.workdir / "epmd.log", "ab") as log:
-            self.epmd = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
+        self.epmd = spawn("epmd", argv, self.workdir / "epmd.log", cwd=self.workdir,
+                          env=self.env())  # fmt: skip
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the node and wait until it takes AMQP connections (after it booted its
+        applications and recovered its queues)."""
         binary = find_rabbitmq_server()
         self._write_config()
         self._start_epmd()
         self.starts += 1
-        with open(self.workdir / f"rabbitmq-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [binary], env=self.env(), cwd=self.workdir, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-        if not self._wait_ready(timeout):
+        log = self.workdir / f"rabbitmq-{self.starts}.log"
+        self.proc = spawn("rabbitmq", [binary], log, cwd=self.workdir, env=self.env())
+        try:
+            self.proc.wait_ready(f"RabbitMQ to answer on port {self.port}", self.ping, timeout)
+        except StackError:
             self.kill()
-            raise StackError(f"rabbitmq-server did not start on port {self.port} "
-                             f"(see {self.workdir}/log)")  # fmt: skip
-
-    def _wait_ready(self, timeout: float) -> bool:
-        """Ready when an AMQP handshake succeeds (the listener is up after the node
-        booted its applications, queues recovered)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            if self.ping():
-                return True
-            time.sleep(0.2)
-        return False
+            raise
 
     def ping(self) -> bool:
+        """True if an AMQP handshake succeeds (its health check)."""
         conn = amqp.Connection(f"127.0.0.1:{self.port}", connect_timeout=2)
         try:
             conn.connect()
@@ -176,7 +161,7 @@ class RabbitServer:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.alive
 
     def _signal_group(self, sig: int) -> None:
         if self.proc is not None:
@@ -184,20 +169,20 @@ class RabbitServer:
                 os.killpg(self.proc.pid, sig)
 
     def kill(self) -> None:
-        """kill -9 of the node (its VM and helpers); durable data stays on disk."""
+        """kill -9 of the node (its group: the VM and helpers); durable data stays."""
         if self.proc is not None:
             self._signal_group(signal.SIGKILL)
-            stop_process(self.proc, signal.SIGKILL)
+            self.proc.stop(signal.SIGKILL)
             self.proc = None
 
     def stop(self) -> None:
         """A clean shutdown (SIGTERM: the script stops the node), then its epmd."""
         if self.proc is not None:
-            stop_process(self.proc, signal.SIGTERM, timeout=30)
-            self._signal_group(signal.SIGKILL)  # whatever the script left
+            self._signal_group(signal.SIGCONT)  # a paused node cannot act on SIGTERM
+            self.proc.stop(signal.SIGTERM, timeout=30)  # then KILL of what is left
             self.proc = None
         if self.epmd is not None:
-            stop_process(self.epmd, signal.SIGTERM)
+            self.epmd.stop()
             self.epmd = None
 
     def wipe(self) -> None:

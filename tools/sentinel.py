@@ -12,8 +12,8 @@ primary back, and the sentinels make it a replica of the new one.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from tools.processes import StackError, free_port, send_signal, stop_process
+from tools.processes import Proc, StackError, free_port, send_signal, spawn
 from tools.redis_server import find_redis_server
 
 MASTER_NAME = "walrelay"
@@ -38,26 +38,27 @@ class Node:
     port: int
     argv: list[str]
     workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Proc | None = None
     starts: int = 0
     _client: redis.Redis | None = field(default=None, repr=False)
 
     def start(self, extra: list[str] | None = None) -> None:
+        """Start it and wait until it answers PING."""
         self.starts += 1
-        with open(self.workdir / f"{self.name}-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [*self.argv, *(extra or [])], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.workdir,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            with contextlib.suppress(redis.RedisError):
-                if self.client().ping():
-                    return
-            time.sleep(0.02)
-        raise StackError(f"{self.name} did not start on port {self.port} (see {self.workdir})")
+        log = self.workdir / f"{self.name}-{self.starts}.log"
+        self.proc = spawn(self.name, [*self.argv, *(extra or [])], log, cwd=self.workdir,
+                          env=os.environ)  # fmt: skip
+        try:
+            self.proc.wait_ready(f"{self.name} to answer on port {self.port}", self.ping,
+                                 START_TIMEOUT)  # fmt: skip
+        except StackError:
+            self.kill()
+            raise
+
+    def ping(self) -> bool:
+        with contextlib.suppress(redis.RedisError):
+            return bool(self.client().ping())
+        return False
 
     def client(self) -> redis.Redis:
         """One client per node, closed with the process (no socket left to the GC)."""
@@ -72,18 +73,18 @@ class Node:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.alive
 
     def kill(self) -> None:
         self._drop_client()
         if self.proc is not None:
-            stop_process(self.proc, signal.SIGKILL)
+            self.proc.stop(signal.SIGKILL)
             self.proc = None
 
     def stop(self) -> None:
         self._drop_client()
         if self.proc is not None:
-            stop_process(self.proc)
+            self.proc.stop()
             self.proc = None
 
     def signal(self, sig: int) -> None:

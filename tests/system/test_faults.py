@@ -39,7 +39,7 @@ from tools.brokers import KINDS
 pytestmark = [pytest.mark.faults]
 # Purchases/s per producer (3 producers): what two single-process workers keep up with
 # on a loaded 2-core machine, so that each case's backlog drains in seconds.
-RATE = 8.0
+RATE = 4.0
 
 
 @pytest.fixture(scope="module", params=KINDS)

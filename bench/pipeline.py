@@ -1,15 +1,19 @@
-"""Pipeline benchmark: the log and the pump against plain ``.delay()``, same run, same Redis.
+"""Pipeline benchmark: the log and the pump against plain ``.delay()``, same run, same broker.
 
-    python -m bench.pipeline [--relay 4000] [--e2e 1000] [--rates 200,100] [--seconds 10]
+    python -m bench.pipeline [--broker redis|rabbitmq|sentinel] [--cases relay,e2e,latency]
+                             [--relay 4000] [--e2e 1000] [--rates 200,100] [--seconds 10]
                              [--rounds 3] [--json out.json]
 
-Everything runs against a private redis-server on a free loopback port (no persistence)
-and a private ledger (SQLite, WAL mode, synchronous=FULL), in a temporary directory.
+Everything runs against a private broker on free loopback ports (``tools.brokers``: a
+redis-server without persistence, a RabbitMQ node, a Redis Sentinel set) and a private
+ledger (SQLite, WAL mode, synchronous=FULL), in a temporary directory. The app's own
+settings apply: publisher confirms on RabbitMQ (``confirm_publish``).
 - relay (workers stopped): purchases/s published. Baseline: a loop calling ``.delay()``
-  for the warehouse and the finance task of each purchase (task-sent events off, its
-  fastest setting). Pipeline: the pump (same code
+  for the warehouse and the finance task of each purchase. Pipeline: the pump (same code
   as ``celery -A worker pump``, in this process so that start-up is not timed) relaying a
-  log pre-filled with the same number of purchases. Medians of ``--rounds`` rounds.
+  log pre-filled with the same number of purchases. Both with task-sent events off (the
+  baseline's fastest setting), then both with them on (what Flower needs). Medians of
+  ``--rounds`` rounds.
 - end to end (2 worker processes, ``-c 1`` each): purchases/s from the first call until
   both effects of every purchase are in the ledger. Baseline: ``.delay()``; pipeline:
   ``record_purchase`` (fsync'd appends) with ``celery -A worker pump`` running (it runs,
@@ -23,6 +27,7 @@ and a private ledger (SQLite, WAL mode, synchronous=FULL), in a temporary direct
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,13 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 from sqlalchemy import create_engine, text
 
 from tools import roles
+from tools.brokers import KINDS, Broker, make_broker
 from tools.localstack import ROOT, pipeline_env
 from tools.processes import Processes, wait_until
-from tools.redis_server import RedisServer
+
+CASES = ("relay", "e2e", "latency")
 
 
 def purchase(pid: str) -> dict[str, Any]:
@@ -93,7 +99,7 @@ def relay_pump(app: Any, wal_dir: Path, n: int, tag: str) -> float:
         entries = [purchase_entry(purchase(f"{tag}-{i}")).encode() for i in range(n)]
         for i in range(0, n, 1000):
             wal.append_batch(entries[i : i + 1000])
-        publisher = KombuPublisher(app.connection_for_write, wal.wal_id)
+        publisher = KombuPublisher.for_app(app, wal.wal_id)
         pump = Pump(wal, publisher, DeadLetterStore(str(wal_dir)), PumpConfig(window=n))
         started = time.perf_counter()
         while pump.stats.published < 2 * n and time.perf_counter() - started < 120:
@@ -162,32 +168,59 @@ def latency(
 
 # ---------------------------------------------------------------------- the run
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    server = RedisServer(tmp / "redis")
-    server.start()
+    broker = make_broker(args.broker, tmp / args.broker)
+    broker.start()
     try:
-        return measure(args, tmp, server.url)
+        return measure(args, tmp, broker)
     finally:
-        server.kill()
+        broker.stop()
 
 
-def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict[str, Any]:
-    """Every case against the redis-server at ``url``, in ``tmp``."""
-    env = pipeline_env(url, tmp, {"WAL_SYNC": "always"})
+def purge(app: Any, queues: tuple[str, ...] = ("warehouse", "finance")) -> None:
+    """Empty the task queues between rounds (a channel each: on AMQP a missing queue
+    closes the channel it was asked on)."""
+    with app.connection_for_write() as conn:
+        for name in queues:
+            channel = conn.channel()
+            try:
+                channel.queue_purge(name)
+            except conn.channel_errors:
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+
+
+def relay_rounds(args: argparse.Namespace, app: Any, tmp: Path, events: bool) -> dict[str, Any]:
+    """Baseline and pump, interleaved, with task-sent events on or off for both."""
+    app.conf.task_send_sent_event = events
+    out: dict[str, list[float]] = {"delay": [], "pump": []}
+    tag = "e" if events else ""
+    for r in range(args.rounds):
+        out["delay"].append(relay_delay(args.relay, f"rd{tag}{r}"))
+        purge(app)
+        out["pump"].append(relay_pump(app, tmp / "relay-wal", args.relay, f"rp{tag}{r}"))
+        purge(app)
+    return out
+
+
+def measure(args: argparse.Namespace, tmp: Path, broker: Broker) -> dict[str, Any]:
+    """Every case against ``broker``, in ``tmp``."""
+    env = pipeline_env(broker.url, tmp, broker.env(), {"WAL_SYNC": "always"})
     os.environ.update(env)  # this process's app and producer use the same settings
     from tasks.app import get_app
     from tasks.checkout import record_purchase
 
     app = get_app()  # record_purchase's too
-    # The baseline at its fastest: no task-sent events (they cost .delay() ~30%; the
-    # pump sends none either). Workers send their task events in both cases.
+    out: dict[str, Any] = {"broker": broker.kind}
+    if "relay" in args.cases:
+        out["relay"] = relay_rounds(args, app, tmp, events=False)
+        out["relay_events"] = relay_rounds(args, app, tmp, events=True)
+    # The rest with the baseline at its fastest: no task-sent events (they cost .delay()
+    # ~30%); the pump then sends none either. Workers send their task events in both.
     app.conf.task_send_sent_event = False
-    client = redis.Redis.from_url(url)
-    out: dict[str, Any] = {"relay": {"delay": [], "pump": []}}
-    for r in range(args.rounds):
-        out["relay"]["delay"].append(relay_delay(args.relay, f"rd{r}"))
-        client.delete("warehouse", "finance")
-        out["relay"]["pump"].append(relay_pump(app, tmp / "relay-wal", args.relay, f"rp{r}"))
-        client.delete("warehouse", "finance")
+    if not {"e2e", "latency"} & set(args.cases):
+        return out
     # Workers and the pump through the tooling's one supervisor, stopped by PID.
     procs = Processes(tmp / "logs", ROOT, lambda extra: {**env, **(extra or {})})
     try:
@@ -197,10 +230,12 @@ def measure(args: argparse.Namespace, tmp: Path, url: str) -> dict[str, Any]:
         def durable(pid: str) -> None:
             record_purchase(purchase(pid))
 
-        out["e2e"] = throughput(args, env, durable)
+        if "e2e" in args.cases:
+            out["e2e"] = throughput(args, env, durable)
         if args.latency_workers > 2:
             start_workers(procs, args.latency_workers - 2, first=2)
-        out["latency"] = latencies(args, env, durable)
+        if "latency" in args.cases:
+            out["latency"] = latencies(args, env, durable)
     finally:
         procs.stop_all(timeout=20)
     return out
@@ -246,19 +281,20 @@ def make_delay_producer() -> Callable[[str], None]:
 
 
 def report(out: dict[str, Any], args: argparse.Namespace) -> str:
-    delay, pump = statistics.median(out["relay"]["delay"]), statistics.median(out["relay"]["pump"])
-    e2e_delay, e2e_pump = (
-        statistics.median(out["e2e"]["delay"]),
-        statistics.median(out["e2e"]["pump"]),
-    )
-    rows = [
-        ("relay, workers stopped (purchases/s)", f"{delay:,.0f}", f"{pump:,.0f}",
-         f"{pump / delay:.1f}x", ">= 5x"),
-        ("end to end, 2 workers (purchases/s)", f"{e2e_delay:,.0f}", f"{e2e_pump:,.0f}",
-         f"{e2e_pump / e2e_delay:.2f}x", ">= 0.9x"),
-    ]  # fmt: skip
-    workers = out["latency"]["workers"]
-    for rate, lat in out["latency"].items():
+    rows: list[tuple[str, str, str, str, str]] = []
+    for key, what in (("relay", "events off"), ("relay_events", "task-sent events on")):
+        if key in out:
+            delay, pump = (statistics.median(out[key][k]) for k in ("delay", "pump"))
+            rows.append((f"relay on {out['broker']}, workers stopped, {what} (purchases/s)",
+                         f"{delay:,.0f}", f"{pump:,.0f}", f"{pump / delay:.1f}x",
+                         ">= 5x"))  # fmt: skip
+    if "e2e" in out:
+        e2e_delay, e2e_pump = (statistics.median(out["e2e"][k]) for k in ("delay", "pump"))
+        rows.append(("end to end, 2 workers (purchases/s)", f"{e2e_delay:,.0f}",
+                     f"{e2e_pump:,.0f}", f"{e2e_pump / e2e_delay:.2f}x", ">= 0.9x"))  # fmt: skip
+    latency = out.get("latency", {})
+    workers = latency.get("workers")
+    for rate, lat in latency.items():
         if rate == "workers":
             continue
         ld, lp = lat["delay"], lat["pump"]
@@ -294,8 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="latency run length")
     parser.add_argument("--latency-workers", type=int, default=2, help="workers (-c 1 each)")
+    parser.add_argument("--broker", choices=KINDS, default="redis", help="the broker")
+    parser.add_argument(
+        "--cases",
+        type=lambda v: [c for c in v.split(",") if c],
+        default=list(CASES),
+        help=f"which of {','.join(CASES)} to run (comma separated)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args(argv)
+    if not args.cases or set(args.cases) - set(CASES):
+        parser.error(f"--cases: one or more of {','.join(CASES)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     try:
         out = run(args, tmp)

@@ -1,17 +1,19 @@
 """The chaos command: run the whole pipeline locally, break it on a seeded schedule, wait
 for the drain, and report what the users were promised against what happened.
 
-    python -m tools.chaos --duration 300 --seed 42 [--json]
+    python -m tools.chaos --duration 300 --seed 42 [--broker redis|rabbitmq|sentinel] [--json]
 
 A ``LocalStack`` in a fresh work directory (default ``var/chaos/seed<seed>-<time>``:
-a private redis-server, workers, the pump, SQLite ledger, small WAL segments so that the
-log rolls over and is pruned under fire) with producer processes appending purchases
-throughout. The faults (``tools.faults``) come from ``plan(seed, duration)``: the same
-seed and duration give the same schedule. After ``--duration`` s the producers stop, the
-command waits (at most ``--drain-timeout`` s) until the log has nothing unconfirmed,
-stops everything it started and prints the report (``--json``: as JSON on stdout).
-Progress goes to stderr. Exit status 0 only if nothing acknowledged was lost, no effect
-happened twice, the drain finished and no process was left running.
+a private broker (``--broker``: a redis-server, a RabbitMQ node or a Redis Sentinel set,
+each faulted in its own terms, see ``tools.brokers``), workers, the pump, SQLite ledger,
+small WAL segments so that the log rolls over and is pruned under fire) with producer
+processes appending purchases throughout. The faults (``tools.faults``) come from
+``plan(seed, duration)``: the same seed and duration give the same schedule. After
+``--duration`` s the producers stop, the command waits (at most ``--drain-timeout`` s)
+until the log has nothing unconfirmed, stops everything it started and prints the report
+(``--json``: as JSON on stdout). Progress goes to stderr. Exit status 0 only if nothing
+acknowledged was lost, no effect happened twice, the drain finished and no process was
+left running.
 
 Bounded: start-up is bounded per process (60 s), the run by ``--duration``, the drain by
 ``--drain-timeout``; Ctrl-C, SIGTERM or an error stop everything it started.
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.audit import Audit, WalMonitor, audit
+from tools.brokers import KINDS
 from tools.faults import BROKER_KINDS, Fault, Injected, Injector, plan
 from tools.loadgen import ProducerPool
 from tools.localstack import LocalStack
@@ -49,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=40.0, help="purchases/s, all producers")
     p.add_argument("--producers", type=int, default=2, help="producer processes")
     p.add_argument("--workers", type=int, default=2, help="celery worker processes")
+    p.add_argument("--broker", choices=KINDS, default="redis", help="the broker to break")
     p.add_argument("--concurrency", type=int, default=2, help="pool processes per worker")
     p.add_argument("--mean-gap", type=float, default=8.0, help="mean seconds between faults")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="longest drain wait")
@@ -79,7 +83,7 @@ class ChaosRun:
         self.args = args
         self.faults = schedule_of(args)
         self.stack = LocalStack(workdir, workers=args.workers, concurrency=args.concurrency,
-                                env=CHAOS_ENV)  # fmt: skip
+                                env=CHAOS_ENV, broker=args.broker)  # fmt: skip
         self.monitor = WalMonitor(self.stack.wal)
         self.pool: ProducerPool | None = None
         self.injected: list[Injected] = []
@@ -142,10 +146,11 @@ class ChaosRun:
         longest = max(broker, key=lambda d: d.recovery or 0.0, default=None)
         doc = {
             "seed": self.args.seed,
+            "broker": self.args.broker,
             "duration": self.args.duration,
             "workdir": str(self.stack.workdir),
             "replay": f"python -m tools.chaos --duration {self.args.duration:g} "
-            f"--seed {self.args.seed}",
+            f"--seed {self.args.seed} --broker {self.args.broker}",
             "faults": [d.as_dict() for d in self.injected],
             "skipped_faults": [asdict(f) for f in self.skipped],
             **result.as_dict(),
@@ -187,7 +192,7 @@ def verdict(result: Audit, doc: dict[str, Any]) -> bool:
 
 def render(doc: dict[str, Any]) -> str:
     """The report as text."""
-    lines = [f"chaos report: seed {doc['seed']}, {doc['duration']:g}s, "
+    lines = [f"chaos report: seed {doc['seed']}, broker {doc['broker']}, {doc['duration']:g}s, "
              f"{len(doc['faults'])} faults injected", "faults:"]  # fmt: skip
     for f in doc["faults"]:
         rec = f.get("recovery")

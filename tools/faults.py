@@ -5,14 +5,18 @@ a ``LocalStack``.
 schedule (kinds, times, durations, targets). Kinds are drawn from a shuffled bag of all
 of them, so every kind comes up before any comes up twice.
 
+Broker faults are in the broker's own terms (``tools.brokers``): a Redis kill -9 loses
+everything queued, a RabbitMQ node keeps its durable queues, a Sentinel primary killed
+fails over to the replica.
+
 | kind | what is done |
 |---|---|
-| broker-restart | kill -9 Redis, restart it at once, empty, on the same port |
-| broker-down | kill -9 Redis, leave the port closed for ``hold`` s, restart it empty |
-| broker-stall | SIGSTOP Redis for ``hold`` s (connections open, no answers), SIGCONT |
+| broker-restart | kill -9 the broker (Sentinel: its primary), bring it back at once |
+| broker-down | kill -9 the broker, leave it down for ``hold`` s, bring it back |
+| broker-stall | SIGSTOP the broker for ``hold`` s (connections open, no answers), SIGCONT |
 | acks-lost | SIGSTOP the workers for ``hold`` s (tasks queue up), SIGSTOP the pump and
   SIGCONT the workers: they run the queued tasks and push acks the pump does not read;
-  kill -9 and restart Redis (tasks done, acks gone), SIGCONT the pump |
+  the broker loses everything (tasks done, acks gone), SIGCONT the pump |
 | pump-kill | kill -9 the pump, restart it after ``hold`` s |
 | pool-child-kill | SIGKILL a pool process of worker ``target`` caught running (a task) |
 | worker-kill | SIGKILL worker ``target``'s main process (and then its pool, as a service
@@ -148,21 +152,22 @@ class Injector:
 
     # ------------------------------------------------------------------ broker
     def _broker_restart(self, fault: Fault, done: Injected) -> None:
-        self.stack.redis.restart()
+        self.stack.broker.crash()
+        self.stack.broker.recover()
         self._back(done)
 
     def _broker_down(self, fault: Fault, done: Injected) -> None:
-        self.stack.redis.kill()
+        self.stack.broker.crash()
         time.sleep(fault.hold)
-        self.stack.redis.start()
+        self.stack.broker.recover()
         self._back(done)
 
     def _broker_stall(self, fault: Fault, done: Injected) -> None:
-        self.stack.redis.pause()
+        self.stack.broker.pause()
         try:
             time.sleep(fault.hold)
         finally:
-            self.stack.redis.resume()
+            self.stack.broker.resume()
         self._back(done)
 
     def _acks_lost(self, fault: Fault, done: Injected) -> None:
@@ -173,7 +178,7 @@ class Injector:
         if pump is None or not pump.alive:
             raise RuntimeError("no pump running")
         queue = ack_queue(self.stack.wal().wal_id)
-        client = self.stack.redis.client()
+        broker = self.stack.broker
         workers = [w.pid for w in self.stack.workers if w is not None and w.alive]
         try:
             for pid in workers:  # main processes: they stop fetching; the pools idle
@@ -185,11 +190,11 @@ class Injector:
                 send_signal(pid, signal.SIGCONT)
         try:
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and sum(map(client.llen, QUEUES)) > 0:
+            while time.monotonic() < deadline and sum(map(broker.depth, QUEUES)) > 0:
                 time.sleep(0.05)
             time.sleep(0.2)  # the last acks of the last tasks
-            done.note = f"{client.llen(queue)} acks unread by the paused pump"
-            self.stack.redis.restart()
+            done.note = f"{broker.depth(queue)} acks unread by the paused pump"
+            broker.lose_everything()
             self._back(done)
         finally:
             send_signal(pump.pid, signal.SIGCONT)

@@ -1,6 +1,7 @@
 """A local stack on embedded defaults, supervised from one process.
 
-A private ``redis-server`` on a free loopback port (no persistence), Celery workers
+A private broker on free loopback ports (``tools.brokers``: a ``redis-server`` without
+persistence by default, a RabbitMQ node or a Redis Sentinel set), Celery workers
 (``celery -A worker worker -Q warehouse,finance``), the pump (``celery -A worker pump``)
 and, on request, the web app (``uvicorn tasks.web:app``) and Flower, all sharing one work
 directory: the WAL, the SQLite ledger and one log file per process start under ``logs/``.
@@ -34,16 +35,17 @@ from pathlib import Path
 
 from tasks.ledger import Ledger
 from tools import roles
+from tools.brokers import Broker, make_broker
 from tools.processes import (
     START_TIMEOUT,
     Proc,
     Processes,
     StackError,
     children_of,
+    process_state,
     processes_mentioning,
     signals_ignored,
 )
-from tools.redis_server import RedisServer
 from walstore.inspect import Snapshot, snapshot
 
 __all__ = ["ROOT", "Crash", "LocalStack", "ledger_snapshot", "pipeline_env"]
@@ -107,12 +109,13 @@ class LocalStack:
         concurrency: int = 2,
         web_workers: int = 2,
         env: Mapping[str, str] | None = None,
+        broker: str = "redis",
     ) -> None:
         self.workdir = workdir.resolve()
         self.logdir = self.workdir / "logs"
         cwd = ROOT if (ROOT / "worker.py").exists() else self.workdir
         self.processes = Processes(self.logdir, cwd, self.env)
-        self.redis = RedisServer(self.workdir / "redis", session=True)
+        self.broker: Broker = make_broker(broker, self.workdir / broker, session=True)
         self.workers: list[Proc | None] = [None] * workers
         self.concurrency = concurrency
         self.web_workers = web_workers
@@ -157,7 +160,8 @@ class LocalStack:
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of every process: see ``pipeline_env``."""
-        return pipeline_env(self.redis.url, self.workdir, self.extra_env, extra)
+        return pipeline_env(self.broker.url, self.workdir, self.broker.env(), self.extra_env,
+                            extra)  # fmt: skip
 
     def spawn(self, role: str, argv: list[str], env: Mapping[str, str] | None = None) -> Proc:
         """Start ``argv`` in its own session, output to ``logs/NN-role.log``."""
@@ -167,7 +171,7 @@ class LocalStack:
     def start(self, *, web: bool = False, flower: bool = False) -> None:
         """Start the broker, the workers, the pump and, if asked, the web app and Flower;
         return once every one of them is ready."""
-        self.redis.start()
+        self.broker.start()
         started = [self.start_worker(i, wait=False) for i in range(len(self.workers))]
         self.start_pump()
         if web:
@@ -285,8 +289,7 @@ class LocalStack:
         """PIDs of anything this stack started that is still alive: its processes, their
         groups, and any process naming the work dir (in WAL_DIR, say)."""
         pids = set(self.processes.leftovers())
-        if self.redis.running and self.redis.proc is not None:
-            pids.add(self.redis.proc.pid)
+        pids.update(p for p in self.broker.pids() if process_state(p) not in (None, "Z"))
         pids.update(processes_mentioning(str(self.workdir)))
         return sorted(pids)
 
@@ -300,7 +303,8 @@ class LocalStack:
                 self._supervisor.join(START_TIMEOUT + 5)
             with self._lock:
                 self.processes.stop_all()
-                self.redis.stop()
+                self.broker.resume()
+                self.broker.stop()
 
     def __enter__(self) -> LocalStack:
         return self

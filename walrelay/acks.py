@@ -14,12 +14,16 @@ bottleneck.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
 
 from celery import Celery, Task
 from celery.signals import task_failure, task_success, task_unknown
+from kombu import Connection
+from kombu.transport import resolve_transport
+from kombu.transport.redis import Transport as RedisTransport
 
 from .broker import COPY_HEADER, Ack, ack_queue, encode_ack
 from .record import parse_task_id
@@ -30,18 +34,20 @@ logger = logging.getLogger(__name__)
 # timeout and the effect is idempotent. So retry briefly, then give up.
 ACK_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.0, "interval_step": 0.5,
                     "interval_max": 1.0}  # fmt: skip
+ACK_TIMEOUT = 10.0  # longest wait for a write or a publisher confirm: never hang a task
 
 
 def send_ack(app: Celery, ack: Ack, *, raw: bool | None = None) -> None:
     """Publish ``ack`` to the ack queue of its WAL.
 
-    On Redis (``raw`` None picks it) the ack is LPUSHed as plain JSON by a client this
-    process keeps on the broker's connection pool (URL, password, TLS and key prefix as
-    kombu set them up): ~5x cheaper than a kombu publish, and paid once per task. Any
-    other transport gets an ordinary kombu message from the app's producer pool."""
+    On Redis, plain or Sentinel (``raw`` None picks it), the ack is LPUSHed as plain JSON
+    by a client this process keeps on the broker's connection pool (URL, password, TLS,
+    Sentinel and key prefix as kombu set them up): ~5x cheaper than a kombu publish, and
+    paid once per task. Any other transport gets an ordinary kombu message on a
+    connection this process keeps, with heartbeats (see ``_AmqpAcks``)."""
     queue = ack_queue(ack.wal_id)
     if raw is None:
-        raw = str(app.conf.broker_url or "").split(":", 1)[0] in ("redis", "rediss")
+        raw = is_redis(app)
     if raw:
         try:
             _redis_client(app).lpush(queue, encode_ack(ack))
@@ -49,17 +55,24 @@ def send_ack(app: Celery, ack: Ack, *, raw: bool | None = None) -> None:
         except Exception as exc:  # drop the client; the kombu path below reconnects
             _clients.pop((os.getpid(), id(app)), None)
             logger.info("raw ack failed (%r); sending it through kombu", exc)
-    with app.producer_pool.acquire(block=True, timeout=10) as producer:
-        producer.publish(
-            encode_ack(ack),
-            routing_key=queue,
-            exchange="",
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
-            retry=True,
-            retry_policy=ACK_RETRY_POLICY,
-        )
+    _kombu_acks(app).send(queue, encode_ack(ack))
+
+
+_redis_apps: dict[tuple[int, str], bool] = {}
+
+
+def is_redis(app: Celery) -> bool:
+    """True if the app's broker is Redis, plain or Sentinel (kombu's Redis transports)."""
+    url = str(app.conf.broker_url or "")
+    key = (id(app), url)
+    found = _redis_apps.get(key)
+    if found is None:
+        transport = app.conf.broker_transport or url.split("://", 1)[0]
+        cls: Any = None
+        with contextlib.suppress(KeyError, ImportError, ValueError):
+            cls = resolve_transport(transport)  # the class (the stubs say a str)
+        found = _redis_apps[key] = isinstance(cls, type) and issubclass(cls, RedisTransport)
+    return found
 
 
 _clients: dict[tuple[int, int], Any] = {}
@@ -76,6 +89,66 @@ def _redis_client(app: Celery) -> Any:
         with channel.conn_or_acquire() as client:
             _clients[key] = client
     return client
+
+
+class _AmqpAcks:
+    """A connection of this process's own for acks, with the app's ``broker_heartbeat``
+    (Celery's producer pool negotiates none, so a dead peer goes unnoticed). Nothing
+    runs in the background: before each ack the frames the broker sent meanwhile
+    (heartbeats, or its closing of an idle connection) are read and the heartbeat
+    checked; a connection found dead is replaced before the ack is published."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.conn: Connection | None = None
+
+    def _connection(self) -> Connection:
+        conn = self.conn
+        if conn is not None:
+            try:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0)
+                conn.heartbeat_check()
+                return conn
+            except Exception as exc:  # closed by the broker, or its heartbeats missed
+                logger.info("ack connection lost (%r); opening a new one", exc)
+                self.close()
+        heartbeat = self.app.conf.broker_heartbeat or None
+        self.conn = self.app.connection_for_write(heartbeat=heartbeat)
+        return self.conn
+
+    def send(self, queue: str, body: str) -> None:
+        conn = self._connection()
+        producer = conn.Producer(auto_declare=False)
+        producer.publish(
+            body,
+            routing_key=queue,
+            exchange="",
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            retry=True,
+            retry_policy=ACK_RETRY_POLICY,
+            timeout=ACK_TIMEOUT,
+            confirm_timeout=ACK_TIMEOUT,
+        )
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.release()
+
+
+_amqp: dict[tuple[int, int], _AmqpAcks] = {}
+
+
+def _kombu_acks(app: Celery) -> _AmqpAcks:
+    key = (os.getpid(), id(app))
+    sender = _amqp.get(key)
+    if sender is None:
+        sender = _amqp[key] = _AmqpAcks(app)
+    return sender
 
 
 def _send(app: Celery | None, task_id: str | None, ok: bool, error: str | None, copy: Any) -> None:

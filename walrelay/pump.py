@@ -5,9 +5,11 @@ Celery-free: it talks to a ``Publisher`` (walrelay.broker), so the same logic ru
 against the in-memory stub in unit tests and against kombu in production.
 
 One step: check the broker session (a new one means queued tasks may be gone: re-send
-everything in flight), read up to the free room of the window and publish, release
-held records that are due, drain acks, handle due timers (retries, suspected losses,
-stalled queues), persist the low water mark at most every ``checkpoint_interval``.
+everything in flight; the same one after an outage: re-send only what a failed
+publish may not have delivered), read up to the free room of the window and publish,
+release held records that are due, drain acks, handle due timers (retries, suspected
+losses, stalled queues), persist the low water mark at most every
+``checkpoint_interval``.
 
 The low water mark is the lowest LSN the pump has not finished: every record below it
 was read *and* confirmed or dead-lettered. It comes from what the pump admitted, never
@@ -82,6 +84,10 @@ class Pump:
         self._unfinished: list[InFlight] = []  # dead letters that could not be written yet
         self._session: str | None = None
         self._resend_all = False
+        # Publication order (pub_seq) of the first message a failed publish may not have
+        # delivered: it and everything published after it go again once the broker is
+        # back, if it kept its queues (otherwise everything in flight does).
+        self._unsure_from: int | None = None
         self._down_for = 0
         now = clock()
         self._next_session = self._next_checkpoint = self._next_ack = self._next_stray = now
@@ -146,6 +152,8 @@ class Pump:
                 self.stats.broker_sessions += 1
             if self._resend_all:
                 self._resend_everything()
+            elif self._unsure_from is not None:
+                self._resend_unsure()
         except BrokerUnavailableError as exc:
             self._broker_lost(exc)
             return False
@@ -158,8 +166,9 @@ class Pump:
     def _broker_lost(self, exc: BrokerUnavailableError) -> None:
         if not self.stats.broker_down:
             logger.warning("pump: broker unavailable (%s); retrying", exc)
+        # What was queued is re-sent only if the broker lost it: the next session says
+        # (a publish cut short by the outage is re-sent in any case, see _publish).
         self.stats.broker_down = True
-        self._resend_all = True  # whatever was queued may be gone
 
     # ---------------------------------------------------------------- reading, admission
     def _fill(self, now: float) -> int:
@@ -294,7 +303,14 @@ class Pump:
         # everything else once a session is back.
         messages = [self.window.sent(flight, target, now) for flight, target in sends]
         for i in range(0, len(sends), PUBLISH_CHUNK):
-            out = publishing.publish(self.publisher, messages[i : i + PUBLISH_CHUNK])
+            try:
+                out = publishing.publish(self.publisher, messages[i : i + PUBLISH_CHUNK])
+            except BrokerUnavailableError:
+                # This chunk may be partly published, the rest not: re-sent once a session
+                # is back (all in flight, if the broker lost its queues meanwhile).
+                unsure = sends[i][1].pub_seq
+                self._unsure_from = min(unsure, self._unsure_from or unsure)
+                raise
             self.stats.published += out.accepted
             if resend:
                 self.stats.redelivered += out.accepted
@@ -309,6 +325,14 @@ class Pump:
         self._resend_all = False  # before publishing: a failure sets it again
         self.window.lanes.restart_clocks(self.clock())
         self._publish(self.window.resendable(), resend=True)
+        self._unsure_from = None
+
+    def _resend_unsure(self) -> None:
+        """Re-send what a failed publish may not have delivered (the broker kept the rest)."""
+        since = self._unsure_from or 0
+        self._unsure_from = None
+        sends = [(f, t) for f, t in self.window.resendable() if t.pub_seq >= since]
+        self._publish(sends, resend=True)
 
     def _expire(self) -> None:
         first, again = self.window.due(self.clock())

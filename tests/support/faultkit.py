@@ -1,6 +1,7 @@
 """Machinery of the crash-the-broker fault suite (tests/test_faults*.py).
 
-``Pipeline``: a ``Stack`` (tests/support/stack.py) on a private redis-server with two real
+``Pipeline``: a ``Stack`` (tests/support/stack.py) on a private broker (``tools.brokers``:
+Redis, RabbitMQ or a Redis Sentinel set, each faulted in its own terms) with two real
 workers (``celery -A fault_app worker``: the product's app plus test hooks, see
 tests/fault_app.py), the real pump and a ``WalMonitor`` sampling the log's watermarks.
 ``Producers``: real processes calling ``record_purchase`` in a loop
@@ -24,8 +25,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.stack import ROOT, RedisServer, Stack, wait_until
+from tests.support.stack import ROOT, Stack, wait_until
 from tools.audit import Audit, WalMonitor, audit
+from tools.brokers import Broker, make_broker
 from tools.processes import Proc, send_signal
 from tools.roles import wait_worker
 from walrelay.broker import ack_queue
@@ -38,8 +40,8 @@ TARGETS = ("warehouse", "finance")
 # The pump re-sends a task suspected lost after this long (worker kills rely on it). The
 # broker cases must recover well before it: their recovery comes from the new session.
 ACK_TIMEOUT = 15.0
-RECOVERY_BOUND = 8.0  # seconds from "Redis is back" to the low water mark moving
-DRAIN_TIMEOUT = 120.0
+RECOVERY_BOUND = 8.0  # seconds from "the broker is back" to the low water mark moving
+DRAIN_TIMEOUT = 180.0
 
 
 def suite_env(marks: Path) -> dict[str, str]:
@@ -95,7 +97,7 @@ def latency_summary(latencies: list[float]) -> str:
 class Producers:
     """``count`` producer processes, ids ``<prefix>p<i>-<n>``, ``rate`` purchases/s each."""
 
-    stack: Stack
+    stack: Stack[Broker]
     prefix: str
     count: int
     rate: float
@@ -140,14 +142,16 @@ class Recovery:
 
 
 class Pipeline:
-    """Redis, two workers and the pump, with a monitor of the log's watermarks."""
+    """A broker, two workers and the pump, with a monitor of the log's watermarks."""
 
-    def __init__(self, tmp: Path, overrides: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, broker: str = "redis", overrides: Mapping[str, str] | None = None
+    ) -> None:
         self.marks = tmp / "marks"
         self.marks.mkdir(parents=True)
-        self.redis = RedisServer(tmp / "redis")
-        env = {**suite_env(self.marks), **(overrides or {})}
-        self.stack = Stack(tmp, self.redis, overrides=env)
+        self.broker: Broker = make_broker(broker, tmp / broker)
+        env = {**suite_env(self.marks), **self.broker.env(), **(overrides or {})}
+        self.stack: Stack[Broker] = Stack(tmp, self.broker, overrides=env)
         self.workers: list[Proc] = []
         self.pump: Proc | None = None
         self.monitor = WalMonitor(self.snapshot, interval=0.1)
@@ -171,10 +175,9 @@ class Pipeline:
     def heal(self) -> None:
         """Whatever an earlier case left dead is started again (as supervisors would),
         whatever it left stopped (SIGSTOP) is continued."""
-        live = [p for p in (self.redis.proc, self.pump, *self.workers) if p is not None]
+        live = [p for p in (self.pump, *self.workers) if p is not None]
         kill_pids([p.pid for p in live if p.poll() is None], signal.SIGCONT)
-        if self.redis.proc is None or self.redis.proc.poll() is not None:
-            self.redis.start()
+        self.broker.heal()
         self.workers = [w for w in self.workers if w.poll() is None]
         self.start_workers(max(0, 2 - len(self.workers)))
         if self.pump is None or self.pump.poll() is not None:
@@ -191,13 +194,21 @@ class Pipeline:
     def stop_all(self) -> None:
         self.monitor.stop()
         self.stack.close()
-        self.redis.kill()
+        self.broker.resume()
+        self.broker.stop()
 
     # ------------------------------------------------------------------ observations
     def snapshot(self) -> Snapshot:
+        # walstore.inspect.snapshot lists the segments, then sizes them: a prune in
+        # between (the live pump's) makes it raise FileNotFoundError. Look again.
+        for _ in range(20):
+            try:
+                return snapshot(str(self.stack.wal_dir))
+            except FileNotFoundError:
+                time.sleep(0.05)
         return snapshot(str(self.stack.wal_dir))
 
-    def recovery(self, since: float, timeout: float = 60) -> Recovery:
+    def recovery(self, since: float, timeout: float = 120) -> Recovery:
         """Watch the low water mark from ``since`` (the broker back) on."""
         before = self.snapshot()
         wait_until("the low water mark to pass the backlog",
@@ -252,20 +263,21 @@ class Pipeline:
             assert since.startswith("Connected to") and " received" in since, worker.pid
 
     def ack_queue_length(self) -> int:
-        return int(self.redis.client().llen(ack_queue(self.snapshot().wal_id)))
+        return self.broker.depth(ack_queue(self.snapshot().wal_id))
 
     def queued(self) -> int:
-        client = self.redis.client()
-        return int(client.llen("warehouse")) + int(client.llen("finance"))
+        return self.broker.depth("warehouse") + self.broker.depth("finance")
 
 
 @contextlib.contextmanager
-def running_pipeline(tmp: Path, overrides: Mapping[str, str] | None = None) -> Iterator[Pipeline]:
-    """Redis, two workers, the pump and the monitor, all stopped at the end (``overrides``:
-    environment of every process, over the suite's)."""
-    pipeline = Pipeline(tmp, overrides)
+def running_pipeline(
+    tmp: Path, broker: str = "redis", overrides: Mapping[str, str] | None = None
+) -> Iterator[Pipeline]:
+    """The broker, two workers, the pump and the monitor, all stopped at the end
+    (``overrides``: environment of every process, over the suite's)."""
+    pipeline = Pipeline(tmp, broker, overrides)
     try:
-        pipeline.redis.start()
+        pipeline.broker.start()
         pipeline.start_workers(2)
         pipeline.start_pump()
         pipeline.monitor.start()

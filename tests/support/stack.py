@@ -17,6 +17,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol
+
+from typing_extensions import TypeVar
 
 from tools import roles
 from tools.localstack import ROOT, ledger_snapshot, ledger_url_in, pipeline_env, wal_dir_in
@@ -30,13 +33,23 @@ CELERY = celery_bin()
 SMALL_LOG = {"WAL_SEGMENT_BYTES": "16384", "WAL_SYNC": "none"}
 
 
+class BrokerAddress(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+# The broker: a RedisServer unless said otherwise (``tools.brokers`` for the fault suite,
+# whose transport options come with ``overrides``).
+B = TypeVar("B", bound=BrokerAddress, default=RedisServer)
+
+
 @dataclass
-class Stack:
+class Stack(Generic[B]):
     """One pipeline's environment and the processes a test started in it (their logs in
     ``tmp/logs``)."""
 
     tmp: Path
-    redis: RedisServer
+    redis: B
     overrides: Mapping[str, str] = field(default_factory=dict)
     processes: Processes = field(init=False)
 

@@ -20,6 +20,7 @@ import pytest
 from tasks.targets import FINANCE, TASK_NAMES, WAREHOUSE
 from tests.support.faultkit import Pipeline, Producers, one_case, report, running_pipeline
 from tests.support.stack import wait_until
+from tools.brokers import RedisBroker
 from tools.loadgen import purchase
 from walrelay.deadletters import DeadLetterStore
 from walrelay.record import Entry, TaskSpec
@@ -42,7 +43,7 @@ WAREHOUSE_TASK, FINANCE_TASK = TASK_NAMES[WAREHOUSE], TASK_NAMES[FINANCE]
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    with running_pipeline(tmp_path_factory.mktemp("faults-pump"), PUMP_ENV) as pipeline:
+    with running_pipeline(tmp_path_factory.mktemp("faults-pump"), overrides=PUMP_ENV) as pipeline:
         yield pipeline
 
 
@@ -126,7 +127,8 @@ def test_poison_records_are_dead_lettered_and_the_rest_flows(pipe: Pipeline) -> 
     pipe.start_pump(app="fault_app", FAULT_PUMP_TASK="1")
     pump = pipe.pump
     assert pump is not None
-    pipe.redis.client().hset("poison-hash", "k", "v")  # a key that is not a list
+    assert isinstance(pipe.broker, RedisBroker)
+    pipe.broker.server.client().hset("poison-hash", "k", "v")  # a key that is not a list
     producers = Producers(pipe.stack, "good-", count=2, rate=10, max_seconds=60).start()
     time.sleep(2)
     records = poison("mixed-1")

@@ -28,7 +28,7 @@ def pipe(tmp_path: Path) -> Iterator[Pipeline]:
     # The message a stuck BRPOP popped is lost with it; the pump re-sends it after this.
     pipeline.stack.overrides = {**pipeline.stack.overrides, "PUMP_ACK_TIMEOUT": "5"}
     try:
-        pipeline.redis.start()
+        pipeline.broker.start()
         yield pipeline
     finally:
         pipeline.stop_all()

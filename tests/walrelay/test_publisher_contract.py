@@ -1,31 +1,35 @@
 """One contract, every Publisher: the in-memory stub the pump's unit tests rely on, and
 the kombu publisher against a real redis-server (Redis ack fast path and the generic
-kombu consumer path). If the stub passes and kombu passes, the unit tests mean
-something."""
+kombu consumer path), a real RabbitMQ node and a real Redis Sentinel set. If the stub
+passes and kombu passes, the unit tests mean something."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+import amqp
 import pytest
 import redis
 
 from tasks.app import create_app
 from tasks.config import Settings
 from tests.support.stack import RedisServer
+from tools.rabbitmq_server import RabbitServer
+from tools.sentinel import SentinelCluster
 from walrelay.acks import send_ack
-from walrelay.broker import COPY_HEADER, Ack, Publisher, TaskMessage
+from walrelay.broker import COPY_HEADER, Ack, Publisher, TaskMessage, ack_queue
 from walrelay.brokers.kombu import KombuPublisher
 from walrelay.brokers.stub import MemoryPublisher
 from walrelay.errors import BrokerUnavailableError, MessageRejectedError
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(90)
 WAL_ID = "a" * 32
 OTHER_WAL = "b" * 32
 
@@ -33,6 +37,10 @@ Fetched = tuple[str, str, list[Any], dict[str, Any]]
 
 
 class Harness(Protocol):
+    # A stop and start keep what was queued (RabbitMQ's durable queues) or not (Redis
+    # without persistence): the session must say which.
+    keeps_queues: bool
+
     @property
     def publisher(self) -> Publisher: ...
 
@@ -40,11 +48,19 @@ class Harness(Protocol):
     def send_ack(self, ack: Ack) -> None: ...
     def stop_broker(self) -> None: ...
     def start_broker(self) -> None: ...
-    def restart_broker(self) -> None: ...
-    def make_wrong_type(self, queue: str) -> None: ...
+    def restart_broker(self) -> None:
+        """A restart that lost everything queued."""
+
+    def outage_keeping_queues(self) -> None:
+        """The broker away and back with everything it had (skips if it cannot)."""
+
+    def make_wrong_type(self, queue: str) -> None:
+        """A key of another type where ``queue`` should be (skips if it cannot)."""
 
 
 class MemoryHarness:
+    keeps_queues = False
+
     def __init__(self) -> None:
         self.publisher = self.stub = MemoryPublisher(WAL_ID)
 
@@ -66,20 +82,31 @@ class MemoryHarness:
     def make_wrong_type(self, queue: str) -> None:
         self.stub.wrong_type.add(queue)
 
+    def outage_keeping_queues(self) -> None:
+        self.stub.keeps_queues, self.stub.down = True, True
+        with pytest.raises(BrokerUnavailableError):
+            self.stub.session()
+        self.stub.down = False
+
 
 class KombuHarness:
     """The real publisher; tasks fetched as a worker would, acks sent as workers do."""
 
-    def __init__(self, server: RedisServer, fast_acks: bool) -> None:
-        self.server = server
+    keeps_queues = False
+
+    def __init__(
+        self, url: str, fast_acks: bool | None, options: dict[str, Any] | None = None
+    ) -> None:
         self.raw_acks = fast_acks
-        self.app = create_app(Settings(broker_url=server.url))
-        self.publisher = KombuPublisher(self.app.connection_for_write, WAL_ID, fast_acks=fast_acks)
+        self.app = create_app(Settings(broker_url=url, broker_transport_options=options or {}))
+        self.publisher = KombuPublisher.for_app(self.app, WAL_ID, fast_acks=fast_acks)
 
     def fetch(self, queue: str, n: int) -> list[Fetched]:
         out: list[Fetched] = []
         with self.app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(queue, no_ack=True, serializer="json")
+            # The app's declaration of the queue, as its worker's (SimpleQueue's own
+            # defaults would differ from it on RabbitMQ).
+            simple = conn.SimpleQueue(cast(Any, self.app.amqp.queues[queue]), no_ack=True)
             try:
                 for _ in range(n):
                     msg = simple.get(timeout=5)
@@ -91,6 +118,22 @@ class KombuHarness:
 
     def send_ack(self, ack: Ack) -> None:
         send_ack(self.app, ack, raw=self.raw_acks)
+
+    def make_wrong_type(self, queue: str) -> None:
+        pytest.skip("only Redis keeps keys of other types beside its queues")
+
+    def outage_keeping_queues(self) -> None:
+        pytest.skip("a Redis without persistence keeps nothing over a restart")
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.app.close()
+
+
+class RedisHarness(KombuHarness):
+    def __init__(self, server: RedisServer, fast_acks: bool) -> None:
+        super().__init__(server.url, fast_acks)
+        self.server = server
 
     def stop_broker(self) -> None:
         self.server.kill()
@@ -109,14 +152,89 @@ class KombuHarness:
         self.app.close()
 
 
-@pytest.fixture(params=["memory", "kombu-redis", "kombu-consumer"])
+class RabbitHarness(KombuHarness):
+    keeps_queues = True  # durable queues, persistent messages
+
+    def __init__(self, server: RabbitServer) -> None:
+        if not server.running:
+            server.start()
+        purge(server, ["warehouse", "finance", ack_queue(WAL_ID)])
+        super().__init__(server.url, None)
+        self.server = server
+
+    def stop_broker(self) -> None:
+        self.server.kill()
+
+    def start_broker(self) -> None:
+        self.server.start()
+
+    def restart_broker(self) -> None:
+        self.server.restart(wipe=True)  # a new node: every queue gone
+
+    def outage_keeping_queues(self) -> None:
+        self.server.restart()  # kill -9 and start: durable queues recovered
+
+
+class SentinelHarness(KombuHarness):
+    def __init__(self, cluster: SentinelCluster) -> None:
+        super().__init__(cluster.url, None, cluster.transport_options)
+        self.cluster = cluster
+
+    def stop_broker(self) -> None:
+        self.cluster.kill()
+
+    def start_broker(self) -> None:
+        primary, replica = self.cluster.nodes
+        primary.start()
+        replica.start(["--replicaof", "127.0.0.1", str(primary.port)])
+
+    def restart_broker(self) -> None:
+        self.stop_broker()
+        self.start_broker()
+
+    def outage_keeping_queues(self) -> None:
+        self.cluster.wait_in_sync()  # the replica has every write: a lossless failover
+        old = self.cluster.kill_primary()
+        self.cluster.wait_failover(old)
+
+
+def purge(server: RabbitServer, queues: list[str]) -> None:
+    """Empty what an earlier test left (purged, not deleted: a queue deleted and declared
+    again at once can vanish in a crash right after, which is not what is tested)."""
+    conn = amqp.Connection(f"127.0.0.1:{server.port}")
+    conn.connect()
+    try:
+        for name in queues:
+            channel = conn.channel()  # a NOT_FOUND closes it
+            with contextlib.suppress(amqp.exceptions.NotFound):
+                channel.queue_purge(name)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(params=["memory", "kombu-redis", "kombu-consumer", "kombu-rabbitmq",
+                        "kombu-sentinel"])  # fmt: skip
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     if request.param == "memory":
         yield MemoryHarness()
         return
+    if request.param == "kombu-rabbitmq":
+        rabbit = RabbitHarness(request.getfixturevalue("rabbit_server"))
+        try:
+            yield rabbit
+        finally:
+            rabbit.close()
+        return
+    if request.param == "kombu-sentinel":
+        sentinel = SentinelHarness(request.getfixturevalue("sentinel_cluster"))
+        try:
+            yield sentinel
+        finally:
+            sentinel.close()
+        return
     server = RedisServer(tmp_path / "redis")
     server.start()
-    kombu = KombuHarness(server, fast_acks=request.param == "kombu-redis")
+    kombu = RedisHarness(server, fast_acks=request.param == "kombu-redis")
     try:
         yield kombu
     finally:
@@ -181,7 +299,7 @@ def test_session_is_stable_until_the_broker_restarts(harness: Harness) -> None:
     assert harness.publisher.session() == first
     harness.publisher.publish([msg(1, "warehouse")])
     harness.restart_broker()
-    second = harness.publisher.session()
+    second = retry(harness.publisher.session)  # a lost connection raises first
     assert second != first
     assert harness.publisher.session() == second
     harness.publisher.publish([msg(2, "warehouse")])
@@ -241,16 +359,44 @@ def test_unreachable_broker_raises_then_recovers(harness: Harness) -> None:
     with pytest.raises(BrokerUnavailableError):
         harness.publisher.drain_acks(0.01)
     harness.start_broker()
-    assert harness.publisher.session() != before
+    after = retry(harness.publisher.session)
+    if harness.keeps_queues:
+        assert after == before  # nothing was lost: nothing to send again
+    else:
+        assert after != before
     harness.publisher.publish([msg(2, "warehouse")])
     assert [f[0] for f in harness.fetch("warehouse", 1)] == [msg(2, "warehouse").task_id]
+
+
+def test_an_outage_that_kept_the_queues_keeps_the_session(harness: Harness) -> None:
+    """RabbitMQ restarted with its durable queues, a Sentinel failover to a replica in
+    sync: what was queued is still there, so the pump must not send it again."""
+    before = harness.publisher.session()
+    harness.publisher.publish([msg(1, "warehouse")])
+    harness.outage_keeping_queues()
+    retry(lambda: harness.publisher.publish([msg(2, "warehouse")]))
+    assert retry(harness.publisher.session) == before
+    got = [f[0] for f in harness.fetch("warehouse", 2)]
+    assert got == [msg(1, "warehouse").task_id, msg(2, "warehouse").task_id]
+
+
+def retry(call: Any, seconds: float = 30) -> Any:
+    """``call()`` until it stops raising BrokerUnavailableError (a broker still starting)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except BrokerUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_messages_are_what_celery_itself_would_send(tmp_path: Path) -> None:
     """Same headers, properties and body layout as apply_async (protocol 2, JSON)."""
     server = RedisServer(tmp_path / "redis")
     server.start()
-    kombu = KombuHarness(server, fast_acks=True)
+    kombu = RedisHarness(server, fast_acks=True)
     try:
         ours = msg(5, "warehouse")
         kombu.publisher.publish([ours])
@@ -280,7 +426,7 @@ def test_options_are_carried_as_celery_carries_them(tmp_path: Path) -> None:
     the caller's headers never override the protocol's."""
     server = RedisServer(tmp_path / "redis")
     server.start()
-    kombu = KombuHarness(server, fast_acks=True)
+    kombu = RedisHarness(server, fast_acks=True)
     expires = 1_900_000_000.5
     try:
         base = msg(6, "warehouse")
@@ -311,7 +457,7 @@ def test_options_are_carried_as_celery_carries_them(tmp_path: Path) -> None:
 def test_redis_drain_also_accepts_acks_sent_as_kombu_messages(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     server.start()
-    kombu = KombuHarness(server, fast_acks=True)
+    kombu = RedisHarness(server, fast_acks=True)
     try:
         kombu.publisher.session()
         send_ack(kombu.app, Ack(WAL_ID, 1, "warehouse", True), raw=False)

@@ -26,8 +26,11 @@ def encoding_error(msg: TaskMessage) -> str | None:
 class MemoryPublisher:
     """In-memory broker and publisher for unit tests: queues are deques of TaskMessage,
     acks a deque. ``restart()`` empties everything and starts a new session, as a Redis
-    restart without persistence does; ``down = True`` makes every call fail, and the
-    session after such a failure is a new one (the connection was lost).
+    restart without persistence does; ``down = True`` makes every call fail. After such a
+    failure the session is a new one, unless ``keeps_queues`` (a broker that keeps its
+    queues over an outage, as RabbitMQ does: then the session stays). ``fail_after = n``
+    makes the next publish store its first n messages and then fail (the connection lost
+    midway), and the broker down.
 
     Refusals as the real one meets them: a message that cannot be encoded is refused
     (by position; the others are published), and publishing to a queue in
@@ -38,6 +41,8 @@ class MemoryPublisher:
     queues: dict[str, deque[TaskMessage]] = field(default_factory=dict)
     acks: deque[Ack] = field(default_factory=deque)
     down: bool = False
+    keeps_queues: bool = False
+    fail_after: int | None = None
     generation: int = 0
     published: int = 0
     wrong_type: set[str] = field(default_factory=set)
@@ -45,11 +50,15 @@ class MemoryPublisher:
 
     def _check(self) -> None:
         if self.down:
-            self._lost = True  # as a real client would: the next session is a new one
+            self._lost = not self.keeps_queues  # a real client's next session
             raise BrokerUnavailableError("memory broker is down")
 
     def publish(self, messages: Sequence[TaskMessage]) -> None:
         self._check()
+        if self.fail_after is not None:
+            kept, self.fail_after, self.down = messages[: self.fail_after], None, True
+            self._store(kept)
+            self._check()
         refused: dict[int, str] = {}
         wrong = False
         for i, msg in enumerate(messages):
@@ -66,6 +75,11 @@ class MemoryPublisher:
                                        "kind of value")  # fmt: skip
         if refused:
             raise MessageRejectedError(f"{len(refused)} message(s) refused", refused)
+
+    def _store(self, messages: Sequence[TaskMessage]) -> None:
+        for msg in messages:
+            self.queues.setdefault(msg.queue, deque()).append(msg)
+        self.published += len(messages)
 
     def drain_acks(self, timeout: float, limit: int = 1000) -> list[Ack]:
         self._check()

@@ -118,7 +118,7 @@ def pump(ctx: click.Context, wal_dir: str | None, window: int | None, loglevel: 
     signal.signal(signal.SIGINT, on_signal)
     policy = app_policy(app, settings.pump_queues)
     wal = Wal.open(directory, Options.from_env())
-    publisher = KombuPublisher(app.connection_for_write, wal.wal_id)
+    publisher = KombuPublisher.for_app(app, wal.wal_id)
     exporter: Exporter | None = None
     try:
         runner = Pump(wal, publisher, DeadLetterStore(directory), pump_config(settings, window),

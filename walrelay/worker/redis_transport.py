@@ -18,9 +18,10 @@ restoring: the held tasks' messages stay in Redis's unacked set (restored after 
 visibility timeout if that Redis kept them) and the pump re-sends whatever is unconfirmed.
 
 ``use_fixed_channel`` puts it on one connection's transport: the worker consumer's
-(walrelay.worker.consumer.Consumer.ensure_connected), where the crash happens. The transport class
-and the broker URL stay kombu's, so what reads the URL (Flower's broker page, the worker's
-banner) sees ``redis://`` as before.
+(walrelay.worker.consumer.Consumer.ensure_connected), where the crash happens, and only
+for plain Redis: the fix was written for, and is tested on, kombu's Redis channel. The
+transport class and the broker URL stay kombu's, so what reads the URL (Flower's broker
+page, the worker's banner) sees ``redis://`` as before.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ class Channel(kombu_redis.Channel):
 
 def use_fixed_channel(conn: Any) -> bool:
     """Make ``conn`` (a kombu Connection not yet connected) open its channels as
-    ``Channel``; True if it did (a Redis transport), False for any other transport."""
+    ``Channel``; True if it did (plain ``redis://``/``rediss://``), False for any other
+    transport. Subclasses are left alone: ``Channel`` would replace their own channel
+    class (Sentinel's would then send its commands to the sentinels)."""
     transport = conn.transport
-    if not isinstance(transport, kombu_redis.Transport):
+    if type(transport) is not kombu_redis.Transport:
         return False
     # kombu's virtual transport creates every channel as ``self.Channel(connection)``:
     # an attribute on this one transport object, the class itself is left alone.

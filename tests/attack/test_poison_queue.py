@@ -28,8 +28,9 @@ FAST = {"PUMP_ACK_TIMEOUT": "1", "PUMP_MAX_ACK_TIMEOUT": "2", "PUMP_MAX_ATTEMPTS
 def dead_letters(stack: Stack) -> list[dict[str, object]]:
     import subprocess
 
-    res = subprocess.run([CELERY, "-A", APP, "deadletters", "list", "--json"], cwd=str(ROOT),
-                         env=stack.env(FAST), capture_output=True, text=True, timeout=60)  # fmt: skip
+    argv = [CELERY, "-A", APP, "deadletters", "list", "--json"]
+    res = subprocess.run(argv, cwd=str(ROOT), env=stack.env(FAST), capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0, res.stderr
     text = res.stdout.strip()
     if not text:

@@ -38,6 +38,10 @@ async def send_json(
     await send({"type": "http.response.body", "body": body})
 
 
+# Any other method a client makes up counts as "other": labels must stay bounded.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class BodyLimit:
     """Answers 413 to any request whose body is over ``limit`` bytes, and 408 to one whose
     body has not fully arrived within ``timeout`` seconds (a client trickling a body in
@@ -153,7 +157,8 @@ class RequestMetrics:
                 status = "500"  # Starlette's outermost handler answers it so
             raise
         finally:
-            web_metrics().requests.labels(scope["method"], self._route(scope), status).inc()
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            web_metrics().requests.labels(method, self._route(scope), status).inc()
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")

@@ -66,3 +66,6 @@ class PumpLockedError(RelayError):
 
 class DeadLetterNotFoundError(RelayError, KeyError):
     """No dead letter has that id (``celery deadletters list`` shows them)."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -85,7 +85,10 @@ def digest(entry: Entry, arguments: str | None = None) -> str:
          t.options.get("priority")]
         for t in entry.tasks
     ]  # fmt: skip
-    doc = json.dumps([entry.order_key, routes], separators=(",", ":")) + arguments
+    # Mappings compare as mappings: kwargs (or a dict argument) built in another order
+    # on a retry are the same call. Parsed first, so every key is a string.
+    canonical = json.dumps(json.loads(arguments), sort_keys=True, separators=(",", ":"))
+    doc = json.dumps([entry.order_key, routes], separators=(",", ":")) + canonical
     return hashlib.sha256(doc.encode()).hexdigest()
 
 

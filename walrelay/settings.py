@@ -6,6 +6,7 @@ never at import); and the pump's metrics exporter's, read by ``celery pump`` alo
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ def env_float(env: Mapping[str, str], name: str, default: float, minimum: float)
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum:  # also refuses nan
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r} must be a finite number")
+    if value < minimum:
         raise ValueError(f"{name}={raw!r} must be at least {minimum}")
     return value
 

@@ -202,7 +202,7 @@ def _seconds(value: Any, name: str, where: str) -> float:
 
 
 def _instant(app: Celery, value: Any, name: str, where: str) -> float:
-    """Unix time of a datetime or ISO 8601 string; a naive one is in the app's timezone,
+    """Unix time of a datetime or ISO 8601 string; a naive one is UTC (whatever the app's timezone),
     as Celery's workers read it."""
     if isinstance(value, str):
         try:

@@ -74,3 +74,15 @@ def test_the_producers_default_log_is_the_relays(
 
     relay = Relay(create_app(Settings.from_env({})))
     assert relay.wal_dir == str(tmp_path / "moved" / "wal")
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_a_setting_must_be_a_finite_number(value: str) -> None:
+    with pytest.raises(ValueError, match=r"PUMP_RETRY_DELAY.*finite"):
+        Settings.from_env({"PUMP_RETRY_DELAY": value})
+
+
+def test_a_missing_dead_letter_is_named_without_quotes() -> None:
+    from walrelay import DeadLetterNotFoundError
+
+    assert str(DeadLetterNotFoundError("no dead letter 999")) == "no dead letter 999"

@@ -13,18 +13,18 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from tests.attack.attack_app import app as attack_app
-from tests.attack.attack_app import note
 from tests.support.stack import CELERY, Stack, wait_until
+from tests.system.review.attack_app import app as attack_app
+from tests.system.review.attack_app import note
 from walrelay import Relay, RelaySettings
 from walstore import Options
 
 pytestmark = pytest.mark.timeout(180)
-APP = "tests.attack.attack_app"
+APP = "tests.system.review.attack_app"
 
 
 def relay_of(stack: Stack) -> Relay:
@@ -37,7 +37,7 @@ def doc(out: Path, tid: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def start(stack: Stack, tmp_path: Path, concurrency: int = 1, **env: str) -> Path:
+def start(stack: Stack, tmp_path: Path, concurrency: int = 1, **env: Any) -> Path:
     out = tmp_path / "out"
     out.mkdir()
     env = {"ATTACK_OUT": str(out), **env}
@@ -53,7 +53,7 @@ def test_a_countdown_is_held_until_due(stack: Stack, tmp_path: Path) -> None:
     try:
         sent_at = time.time()
         later = relay.send(note.s("later").set(countdown=30))
-        far = relay.send(note.s("far").set(eta="9999-12-31T00:00:00+00:00"))
+        far = relay.send(note.s("far").set(eta=cast(Any, "9999-12-31T00:00:00+00:00")))
         now = relay.send(note.s("now"))
     finally:
         relay.close()

@@ -1,4 +1,5 @@
-"""A user's Celery app for the attack tests: ``celery -A tests.attack.attack_app worker|pump``.
+"""A user's Celery app for the review's tests:
+``celery -A tests.system.review.attack_app worker|pump``.
 
 Its one task writes ``$ATTACK_OUT/<task id>.json`` with when it started and ended, what
 it received and the message's delivery info; ``secs`` makes it sleep in between."""

@@ -1,11 +1,9 @@
 """End to end with an app that is not ours: ``celery -A tests.walrelay.shop_app worker``
 and ``celery -A tests.walrelay.shop_app pump`` on a private redis-server deliver what
 ``relay.send`` recorded (routes, a short countdown, an idempotency key, an order key),
-with the task ids of the receipt, and the acks bring the low water mark past it.
-
-TO EXTEND AFTER THE PUMP'S v2 WORK IS MERGED (walrelay/pump.py, window.py: eta held,
-order keys, exchange and routing key published), see the three ``after the pump's v2``
-blocks below: they are asserted on the record only until then."""
+with the task ids of the receipt, and the acks bring the low water mark past it: the
+countdown is held by the pump, the topic exchange and routing key are published, and the
+second record of an order key waits for the first."""
 
 from __future__ import annotations
 
@@ -82,10 +80,8 @@ def test_the_shops_worker_and_pump_deliver_what_send_recorded(stack: Stack, tmp_
     assert sent_at + 1 <= one.tasks[0].options["eta"] <= sent_at + 2
     assert (one.tasks[1].options["exchange"], one.tasks[1].options["routing_key"]) == (
         "shop.events", "audit.purchase")  # fmt: skip
-    # after the pump's v2 (eta held): assert reserved["at"] >= sent_at + 1
-    # after the pump's v2 (exchange published):
-    #     assert audited["delivery_info"]["routing_key"] == "audit.purchase"
-    #     assert audited["delivery_info"]["exchange"] == "shop.events"
-    # after the pump's v2 (order keys): the second record of customer-7 is published only
-    #     once the first is confirmed: assert reserved2["at"] >= max(reserved["at"],
-    #     audited["at"])
+    assert reserved["at"] >= sent_at + 1  # the countdown, held by the pump
+    assert audited["delivery_info"]["routing_key"] == "audit.purchase"
+    assert audited["delivery_info"]["exchange"] == "shop.events"
+    # The second record of customer-7 is published only once the first is confirmed.
+    assert reserved2["at"] >= max(reserved["at"], audited["at"])

@@ -23,6 +23,7 @@ from .errors import (
     BrokerUnavailableError,
     DeadLetterNotFoundError,
     DuplicateKeyError,
+    MessageRejectedError,
     NotSerializableError,
     PumpLockedError,
     RelayError,
@@ -52,6 +53,7 @@ __all__ = [  # noqa: RUF022 (grouped by role, not sorted)
     "BadRecordError",
     "BrokerUnavailableError",
     "DeadLetterNotFoundError",
+    "MessageRejectedError",
     "PumpLockedError",
     # errors: the log's (walstore's, passed through send unchanged)
     "WalError",

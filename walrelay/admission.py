@@ -25,13 +25,6 @@ READY, HOLD, EXPIRED, REFUSED = "ready", "hold", "expired", "refused"
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    kind: str  # READY, HOLD, EXPIRED or REFUSED
-    eta: float = 0.0  # HOLD: the unix time it is due
-    reason: str = ""  # REFUSED: why
-
-
-@dataclass(frozen=True, slots=True)
 class TaskOptions:
     eta: float | None = None
     expires: float | None = None
@@ -39,6 +32,17 @@ class TaskOptions:
     headers: dict[str, Any] | None = None
     exchange: str = ""
     routing_key: str = ""
+
+
+NO_OPTIONS = TaskOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: str  # READY, HOLD, EXPIRED or REFUSED
+    eta: float = 0.0  # HOLD: the unix time it is due
+    reason: str = ""  # REFUSED: why
+    options: TaskOptions = NO_OPTIONS  # checked, unless REFUSED
 
 
 def _time(options: dict[str, Any], name: str) -> float | None:
@@ -54,7 +58,7 @@ def task_options(spec: TaskSpec) -> TaskOptions:
     """The options of ``spec``, checked; ValueError names a malformed one."""
     o = spec.options
     if not o:
-        return TaskOptions()
+        return NO_OPTIONS
     priority = o.get("priority")
     if priority is not None and (
         isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255
@@ -83,14 +87,22 @@ def decide(spec: TaskSpec, policy: Policy | None, wall_now: float) -> Decision:
     if reason:
         return Decision(REFUSED, reason=reason)
     if options.expires is not None and options.expires <= wall_now:
-        return Decision(EXPIRED)
+        return Decision(EXPIRED, options=options)
     if options.eta is not None and options.eta > wall_now:
-        return Decision(HOLD, eta=options.eta)
-    return Decision(READY)
+        return Decision(HOLD, eta=options.eta, options=options)
+    return Decision(READY, options=options) if options is not NO_OPTIONS else READY_PLAIN
 
 
-def message_for(wal_id: str, identity: int, spec: TaskSpec, copy: str) -> TaskMessage:
-    o = task_options(spec)
+READY_PLAIN = Decision(READY)
+
+
+def message_for(
+    wal_id: str, identity: int, spec: TaskSpec, copy: str, o: TaskOptions
+) -> TaskMessage:
+    """The message of one publication (``copy``) of ``spec`` with its checked options."""
+    if o is NO_OPTIONS:
+        return TaskMessage(task_id(wal_id, identity, spec.target), spec.name, spec.queue,
+                           spec.args, spec.kwargs, copy)  # fmt: skip
     exchange, routing_key = o.exchange, o.routing_key
     if exchange == spec.queue and routing_key in ("", spec.queue):
         # Celery's default routing (an exchange named after the queue, bound by name) is

@@ -229,7 +229,7 @@ class Pump:
         wall_now = self.wall()
         for spec in entry.tasks:
             d = plan[spec.target]
-            target = TargetState(spec, (spec.queue, spec.options.get("priority") or 0),
+            target = TargetState(spec, (spec.queue, d.options.priority or 0), d.options,
                                  inherited=inherited)  # fmt: skip
             if d.kind == REFUSED:
                 target.error = d.reason

@@ -60,11 +60,12 @@ class RelaySettings:
     # Most WAL records the pump keeps unconfirmed at once: bounds its memory and the
     # number of duplicates a broker restart can cause (PUMP_WINDOW).
     pump_window: int = DEFAULT_PUMP_WINDOW
-    # Seconds without an ack before the pump suspects a published task is lost
-    # (PUMP_ACK_TIMEOUT).
+    # Seconds a task may stay unconfirmed once the workers confirmed a task published
+    # after it on its queue; then it was lost: re-sent, a failed attempt (PUMP_ACK_TIMEOUT).
     pump_ack_timeout: float = DEFAULT_ACK_TIMEOUT
-    # A task unconfirmed this long is published again even with no sign that the
-    # workers moved past it: covers a silent loss on an idle system (PUMP_MAX_ACK_TIMEOUT).
+    # A queue with tasks waiting and no ack at all for this long gets its oldest task
+    # published again (one per period, not counted as a failure): covers a silent loss
+    # on an idle queue (PUMP_MAX_ACK_TIMEOUT).
     pump_max_ack_timeout: float = DEFAULT_MAX_ACK_TIMEOUT
     # First pause before re-publishing a task that failed; doubles on each failure
     # (PUMP_RETRY_DELAY).

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import settings
-from .admission import message_for
+from .admission import NO_OPTIONS, TaskOptions, message_for
 from .broker import Ack, TaskMessage
 from .lanes import Lanes
 from .pumpstats import PumpStats
@@ -87,6 +87,7 @@ class TargetState:
 
     spec: TaskSpec
     lane: tuple[str, int]  # (queue, priority): where FIFO order holds
+    options: TaskOptions = NO_OPTIONS  # the spec's options, checked
     attempts: int = 0  # failed attempts counted so far
     sends: int = 0
     published_at: float = 0.0
@@ -197,11 +198,11 @@ class Window:
         self.timers.push(self._due(target, now, now + self.config.ack_timeout), flight.identity,
                          target)  # fmt: skip
         copy = f"{self.run_id}.{self._pub_seq}"
-        return message_for(self.wal_id, flight.identity, target.spec, copy)
+        return message_for(self.wal_id, flight.identity, target.spec, copy, target.options)
 
     def _due(self, target: TargetState, now: float, due: float) -> float:
         """``due``, or the task's expiry if sooner."""
-        expires = _expires(target)
+        expires = target.options.expires
         return due if expires is None else min(due, now + max(0.0, expires - self.wall()))
 
     def refused(self, flight: InFlight, target: TargetState, why: str, counted: bool,
@@ -289,7 +290,7 @@ class Window:
     def _on_due(self, flight: InFlight, target: TargetState, now: float) -> bool:
         """Decide what a due timer means; True: publish ``target`` (again) now."""
         cfg = self.config
-        expires = _expires(target)
+        expires = target.options.expires
         if expires is not None and self.wall() >= expires:
             self.stats.expired += 1
             self.done(flight, target)
@@ -345,10 +346,3 @@ class Window:
     def kill(self, flight: InFlight, target: TargetState) -> None:
         flight.dead[target.spec.target] = target
         self.done(flight, target)
-
-
-def _expires(target: TargetState) -> float | None:
-    expires = target.spec.options.get("expires")
-    if isinstance(expires, bool) or not isinstance(expires, int | float):
-        return None
-    return float(expires)

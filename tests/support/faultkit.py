@@ -111,7 +111,7 @@ class Producers:
     def start(self) -> Producers:
         self.path(0).parent.mkdir(exist_ok=True)
         for i in range(self.count):
-            argv = [sys.executable, str(TESTS / "fault_producer.py"), str(self.path(i)),
+            argv = [sys.executable, "-m", "tests.support.fault_producer", str(self.path(i)),
                     f"{self.prefix}p{i}", str(self.rate), str(self.max_seconds),
                     str(self.max_count)]  # fmt: skip
             self.procs.append(self.stack.spawn(f"{self.prefix}p{i}", argv))

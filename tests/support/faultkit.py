@@ -41,6 +41,9 @@ TARGETS = ("warehouse", "finance")
 # broker cases must recover well before it: their recovery comes from the new session.
 ACK_TIMEOUT = 15.0
 RECOVERY_BOUND = 8.0  # seconds from "the broker is back" to the low water mark moving
+# ... per broker: a RabbitMQ node's clients reconnect after it recovered its queues, and a
+# Sentinel set's after they asked the sentinels: more moving parts on a loaded machine.
+RECOVERY_BOUNDS = {"redis": RECOVERY_BOUND, "rabbitmq": 15.0, "sentinel": 15.0}
 DRAIN_TIMEOUT = 180.0
 
 

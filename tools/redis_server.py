@@ -40,8 +40,16 @@ class RedisServer:
     restart on the same port give a new, empty server (a new run_id), as a broker usually
     deployed does."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, session: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        session: bool = False,
+        binds: tuple[str, ...] = ("127.0.0.1",),
+    ) -> None:
         self.workdir = workdir
+        self.binds = binds  # addresses it listens on (the multi-host test adds a bridge's)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.session = session  # own session: a terminal's Ctrl-C does not reach it
@@ -64,8 +72,10 @@ class RedisServer:
         failure: StackError | None = None
         for _ in range(5):
             self.starts += 1
-            argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            argv = [binary, "--port", str(self.port), "--bind", *self.binds, "--save", "",
                     "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+            if self.binds != ("127.0.0.1",):  # addresses of this machine's own bridge
+                argv += ["--protected-mode", "no"]
             log = self.workdir / f"redis-{self.starts}.log"
             self.proc = spawn("redis", argv, log, cwd=self.workdir, env=os.environ,
                               session=self.session)  # fmt: skip

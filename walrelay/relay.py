@@ -32,7 +32,6 @@ from .settings import RelaySettings
 from .signatures import arguments_json, task_specs
 
 CONSUMER = "walrelay.worker.consumer:Consumer"
-_CELERY_DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"
 _ATTR = "_walrelay_relay"  # where an app keeps its relay
 MAX_KEY_CHARS = 256
 
@@ -155,8 +154,15 @@ def _use_consumer(sender: Any = None, instance: Any = None, conf: Any = None, **
     app = getattr(instance, "app", None)
     if conf is None or not isinstance(getattr(app, _ATTR, None), Relay):
         return
-    if conf.worker_consumer in (None, _CELERY_DEFAULT_CONSUMER):
+    if conf.worker_consumer is None or not _configured(conf, "worker_consumer"):
         conf.worker_consumer = CONSUMER
+
+
+def _configured(conf: Any, key: str) -> bool:
+    """Whether the app's configuration sets ``key`` (even to Celery's default value):
+    Celery's Settings chain the app's own maps before its defaults, which come last."""
+    maps: list[Any] = list(getattr(conf, "maps", None) or ())
+    return any(key in m for m in maps[:-1])
 
 
 def _check_key(name: str, value: object) -> None:

@@ -155,8 +155,15 @@ def _use_consumer(sender: Any = None, instance: Any = None, conf: Any = None, **
     app = getattr(instance, "app", None)
     if conf is None or not isinstance(getattr(app, _ATTR, None), Relay):
         return
-    if not conf.value_set_for("worker_consumer"):
+    if conf.worker_consumer is None or not _configured(conf, "worker_consumer"):
         conf.worker_consumer = CONSUMER
+
+
+def _configured(conf: Any, key: str) -> bool:
+    """Whether the app's configuration sets ``key`` (even to Celery's default value):
+    Celery's Settings chain the app's own maps before its defaults, which come last."""
+    maps: list[Any] = list(getattr(conf, "maps", None) or ())
+    return any(key in m for m in maps[:-1])
 
 
 def _check_key(name: str, value: object) -> None:

@@ -1,5 +1,5 @@
 # One place for the commands people and CI run (CI: .ci/run -> make test).
-.PHONY: setup test check faults demo bench clean
+.PHONY: setup test check faults soak demo bench clean
 
 setup:
 	@scripts/bootstrap
@@ -11,6 +11,9 @@ check: setup
 
 test: check
 	.venv/bin/pytest
+
+soak: setup
+	.venv/bin/pytest -m soak
 
 faults: setup
 	.venv/bin/pytest -m faults

@@ -184,7 +184,7 @@ def test_broker_unreachable_for_20s_producers_do_not_notice(pipe: Pipeline) -> N
     unreachable(pipe, frozen=10, dead=10)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(300)
 def test_broker_unreachable_for_60s_producers_do_not_notice(pipe: Pipeline) -> None:
     unreachable(pipe, frozen=30, dead=30)

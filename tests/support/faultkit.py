@@ -21,9 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from tests.support.stack import ROOT, Stack, wait_until
 from tools.audit import Audit, WalMonitor, audit
@@ -59,6 +60,20 @@ def suite_env(marks: Path) -> dict[str, str]:
         "PUMP_ACK_TIMEOUT": str(ACK_TIMEOUT),
         "PUMP_MAX_ACK_TIMEOUT": str(2 * ACK_TIMEOUT),
     }
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def slow_on(*kinds: str) -> Callable[[F], F]:
+    """Mark a case ``slow`` on these brokers only (tests/system/conftest.py applies it):
+    essential cases run on every broker by default, long ones on Redis only."""
+
+    def mark(func: F) -> F:
+        func.slow_on = kinds  # type: ignore[attr-defined]
+        return func
+
+    return mark
 
 
 def kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:

@@ -32,6 +32,7 @@ from tests.support.faultkit import (
     paused,
     report,
     running_pipeline,
+    slow_on,
 )
 from tests.support.stack import wait_until
 from tools.brokers import KINDS
@@ -112,6 +113,7 @@ def test_broker_killed_mid_stream_and_restarted_twice(pipe: Pipeline) -> None:
            duplicates=sum(result.duplicates.values()))  # fmt: skip
 
 
+@slow_on("rabbitmq", "sentinel")
 @pytest.mark.timeout(240)
 def test_broker_down_when_the_pump_and_workers_start(pipe: Pipeline) -> None:
     for proc in [*pipe.workers, pipe.pump]:
@@ -179,6 +181,7 @@ def unreachable(pipe: Pipeline, frozen: float, dead: float) -> None:
            during=latency_summary(during))  # fmt: skip
 
 
+@slow_on("rabbitmq", "sentinel")
 @pytest.mark.timeout(240)
 def test_broker_unreachable_for_20s_producers_do_not_notice(pipe: Pipeline) -> None:
     unreachable(pipe, frozen=10, dead=10)

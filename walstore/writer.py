@@ -1,0 +1,473 @@
+"""The write path of a log: appends, group commit, roll-over, prune (used by ``Wal``).
+
+Group commit across threads and processes, with one write lock (``append.lock``) and
+no queue on it. Whoever takes the lock without waiting is the *leader*: it writes its
+own records and those of every producer waiting in a slot of the shared state, in one
+pwrite; makes them durable with one fdatasync; publishes the high water mark; and wakes
+every follower at once (a futex, see walstore.futex). A producer that finds the lock
+taken puts its payloads in its own slot and sleeps until they are written and durable,
+or until the lock is free and it can lead the next flush itself. A flush costs one
+wake-up per waiting producer; nobody herds on a lock.
+
+Crash safety, as before the slots: the leader sets an *intent* before it writes, so a
+leader killed mid-write has its bytes zeroed by the next holder of the lock (never a
+half record or half batch mid-log), and the slots it took are still ready, to be
+written again. A leader killed after its write state was updated (the records are in
+the log) but before it marked its slots written: the write state names the last batch
+written, and the next leader settles the slots of that batch as written. A producer
+killed while filling its slot leaves nothing: a slot is ready only once filled, and a
+leader checks its checksum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import threading
+import time
+
+from .errors import LogFullError, LogPoisonedError, WalError
+from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, TYPE_DATA, pack_record
+from .fs import OsFs
+from .options import Options, SyncPolicy
+from .recovery import recover_tail
+from .segments import create_segment, list_segments, read_header, segment_path
+from .shm import (
+    ERR_FULL,
+    ERR_POISONED,
+    INTENT_APPEND,
+    INTENT_NONE,
+    INTENT_ROLL,
+    SLOT_CAPACITY,
+    SLOT_COUNT,
+    SLOT_FAILED,
+    SLOT_FREE,
+    SLOT_READY,
+    SLOT_WRITTEN,
+    SharedState,
+    TornStateError,
+    WriteLock,
+    WriteState,
+    slot_bytes,
+)
+
+# A follower re-checks at least this often, whatever it hears: covers a leader killed
+# before waking anyone, and the rare wake-up that lands between a check and the sleep.
+FOLLOWER_WAIT = 0.02
+# Before collecting, a leader waits up to this long for as many slots to be ready as the
+# last flush wrote: the producers it wrote for come back with their next records within
+# microseconds (on a busy machine, only once they get a CPU), and a flush without them
+# would be followed by another for them alone (PostgreSQL's commit_delay, adaptive).
+GATHER_WAIT = 0.0002
+ERR_UNKNOWN = 3  # the shared state was damaged while the slot was in a batch
+
+Entry = tuple[int, list[bytes]]  # (slot, payloads); slot -1: the leader's own
+
+
+class SlotPool:
+    """The slots one ``Wal`` handle owns: claimed when first needed (an OFD lock on the
+    slot's byte of ``shm``), kept until close, lent to one appending thread at a time."""
+
+    def __init__(self, shm: SharedState, wlock: WriteLock) -> None:
+        self._shm, self._wlock = shm, wlock
+        self._free: list[int] = []
+        self._owned: set[int] = set()
+        self._lock = threading.Lock()
+        self._retry_at = 0.0  # when every slot was taken: look again after this
+
+    def get(self) -> int | None:
+        """A slot for this thread, or None if every slot is taken (then append the slow
+        way: wait for the write lock)."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if time.monotonic() < self._retry_at:
+                return None
+            for slot in range(SLOT_COUNT):
+                if slot in self._owned or not self._shm.try_claim_slot(slot):
+                    continue
+                with self._wlock:  # a dead owner may have left it ready: no leader reads
+                    self._shm.reset_slot(slot)  # it while we reset it
+                self._owned.add(slot)
+                return slot
+            self._retry_at = time.monotonic() + 1.0  # owners that die free theirs
+            return None
+
+    def put(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+
+class Writer:
+    """Appends and flushes for one ``Wal`` handle; the state itself is shared."""
+
+    def __init__(
+        self,
+        directory: str,
+        options: Options,
+        fs: OsFs,
+        shm: SharedState,
+        wlock: WriteLock,
+        wal_id: bytes,
+    ) -> None:
+        self._dir, self._opts, self._fs = directory, options, fs
+        self._shm, self._wlock, self._wal_id = shm, wlock, wal_id
+        self._pool = SlotPool(shm, wlock)
+        self._fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- appending
+    def append(self, payloads: list[bytes]) -> range:
+        """Append ``payloads`` as one atomic batch; returns their LSNs once durable."""
+        if self._opts.sync is SyncPolicy.NONE:
+            self._wlock.acquire()
+            return self._lead(payloads, durable=False)
+        if self._wlock.acquire(blocking=False):
+            return self._lead(payloads)
+        slot = self._pool.get() if slot_bytes(payloads) <= SLOT_CAPACITY else None
+        if slot is None:  # too big for a slot, or none left: wait for the lock
+            self._wlock.acquire()
+            return self._lead(payloads)
+        return self._follow(slot, payloads)
+
+    def flush(self, end: int, force: bool) -> int:
+        """Make every LSN below ``end`` durable (``force``: flush now, whatever the
+        policy and the high water mark); returns the high water mark."""
+        shm, word = self._shm, self._shm.flush_word
+        while True:
+            seen = word.value
+            synced = shm.synced_lsn()
+            if synced >= end and not force:
+                return synced
+            if shm.poisoned():
+                raise self.poisoned_error()
+            if self._wlock.acquire(blocking=False):
+                self._lead(None, durable=force or self._opts.sync is SyncPolicy.ALWAYS)
+                return shm.synced_lsn()
+            word.wait(seen, FOLLOWER_WAIT)
+
+    def _follow(self, slot: int, payloads: list[bytes]) -> range:
+        shm, word = self._shm, self._shm.flush_word
+        shm.fill_slot(slot, payloads)
+        try:
+            while True:
+                seen = word.value
+                state, first, count, err = shm.slot_result(slot)
+                if state == SLOT_WRITTEN and shm.synced_lsn() >= first + count:
+                    return range(first, first + count)
+                if state == SLOT_FAILED:
+                    raise self._slot_error(err)
+                if shm.poisoned():
+                    raise self.poisoned_error()
+                if self._wlock.acquire(blocking=False):
+                    self._lead(None)
+                else:
+                    word.wait(seen, FOLLOWER_WAIT)
+        finally:
+            self._release_slot(slot)
+
+    def _release_slot(self, slot: int) -> None:
+        if self._shm.slot_result(slot)[0] == SLOT_READY:
+            with self._wlock:  # a leader may be reading it right now
+                self._shm.set_slot_state(slot, SLOT_FREE)
+        else:
+            self._shm.set_slot_state(slot, SLOT_FREE)
+        self._pool.put(slot)
+
+    def _slot_error(self, err: int) -> WalError:
+        if err == ERR_FULL:
+            return LogFullError(
+                f"the log in {self._dir} is full (WAL_MAX_BYTES, or the disk): nothing was "
+                "appended; let the pump confirm the backlog, raise WAL_MAX_BYTES or free "
+                "disk space, then append again"
+            )
+        if err == ERR_POISONED:
+            return self.poisoned_error()
+        return WalError(
+            f"the outcome of an append to {self._dir} is unknown: the shared state was "
+            "damaged while it was being written; check the log with 'walstore dump'"
+        )
+
+    # ----------------------------------------------------------------- leading
+    def _lead(self, own: list[bytes] | None, durable: bool = True) -> range:
+        """Write ``own`` and every ready slot, fdatasync (if ``durable``), publish the
+        high water mark. Called with the write lock held; releases it."""
+        shm = self._shm
+        try:
+            st = self.writable_state()
+            entries: list[Entry] = [(-1, own)] if own else []
+            if durable:
+                self._gather()
+                entries += self._collect(st)
+                shm.set_last_gather(len(entries))
+            st, mine = self._write(st, entries)
+            if durable:
+                try:
+                    self._fs.fdatasync(self.fd(st.active))
+                except OSError as exc:
+                    raise self.io_error("fsync", exc) from exc
+                if shm.poisoned():
+                    # Another process failed a write or an fsync meanwhile: the kernel may
+                    # have dropped pages of this file, so this fsync proves nothing.
+                    raise self.poisoned_error()
+            shm.set_synced(max(shm.synced_lsn(), st.next_lsn))
+            return mine
+        finally:
+            self._wlock.release()
+
+    def _gather(self) -> None:
+        shm = self._shm
+        want = shm.last_gather() - 1  # the last leader's own producer may lead again
+        if want < 2:
+            return
+        deadline = time.monotonic() + GATHER_WAIT
+        while shm.ready_slots() < want and time.monotonic() < deadline:
+            os.sched_yield()
+
+    def _collect(self, st: WriteState) -> list[Entry]:
+        shm, out = self._shm, []
+        for slot in range(shm.slots_hint()):
+            batch, payloads = shm.ready_slot(slot)
+            if payloads is None:
+                continue
+            if batch and batch == st.last_batch:  # its leader died before saying so
+                shm.set_slot_state(slot, SLOT_WRITTEN)
+            else:
+                out.append((slot, payloads))
+        return out
+
+    def _write(self, st: WriteState, entries: list[Entry]) -> tuple[WriteState, range]:
+        """Write the entries in order, rolling over to new segments as needed; an entry
+        that does not fit under the cap is refused (its slot failed, or LogFullError if
+        it is the leader's own). Returns the new state and the leader's own LSNs."""
+        mine = range(0)
+        chunk: list[bytes] = []  # packed records for the active segment
+        placed: list[tuple[int, int]] = []  # (slot, first LSN) of the entries in chunk
+        size = 0
+        for slot, payloads in entries:
+            need = sum(len(p) for p in payloads) + RECORD_HEADER_SIZE * len(payloads)
+            roll = st.offset + size + need > self._opts.segment_bytes
+            roll = roll and st.offset + size > SEGMENT_HEADER_SIZE
+            try:
+                self._check_cap(st, size + need + (SEGMENT_HEADER_SIZE if roll else 0))
+                if roll:
+                    pending, chunk, placed, size = (chunk, placed), [], [], 0
+                    st = self._write_chunk(st, *pending)
+                    st = self._roll(st)
+            except LogFullError:
+                if slot < 0 or (mine and mine.start >= st.next_lsn):  # own records unwritten
+                    raise
+                self._shm.set_slot_state(slot, SLOT_FAILED, ERR_FULL)
+                continue
+            first = st.next_lsn + len(chunk)
+            chunk += [pack_record(st.salt, first + i, bytes(p), TYPE_DATA)
+                      for i, p in enumerate(payloads)]  # fmt: skip
+            size += need
+            if slot < 0:
+                mine = range(first, first + len(payloads))
+            else:
+                placed.append((slot, first))
+        try:
+            return self._write_chunk(st, chunk, placed), mine
+        except LogFullError:  # the disk filled up: the slots of this chunk failed
+            if mine and mine.start >= st.next_lsn:
+                raise  # the own records were in it
+            return st, mine
+
+    def _write_chunk(
+        self, st: WriteState, chunk: list[bytes], placed: list[tuple[int, int]]
+    ) -> WriteState:
+        if not chunk:
+            return st
+        shm = self._shm
+        batch = shm.take_batch_id()
+        for slot, first in placed:
+            shm.assign_slot(slot, batch, first)
+        buf = b"".join(chunk)
+        shm.set_write(st._replace(intent=INTENT_APPEND, pending_end=st.offset + len(buf)))
+        try:
+            self._fs.pwrite(self.fd(st.active), buf, st.offset)
+        except OSError as exc:
+            # Zero whatever part of the batch landed before raising, so that no record of
+            # it can surface at the next recovery. If that fails too, the intent stays set
+            # and the next holder retries.
+            with contextlib.suppress(WalError, OSError):
+                self.writable_state()
+            error = self.io_error("write", exc)
+            code = ERR_FULL if isinstance(error, LogFullError) else ERR_POISONED
+            for slot, _first in placed:
+                shm.set_slot_state(slot, SLOT_FAILED, code)
+            raise error from exc
+        st = st._replace(offset=st.offset + len(buf), next_lsn=st.next_lsn + len(chunk),
+                         intent=INTENT_NONE, pending_end=0, last_batch=batch)  # fmt: skip
+        shm.set_write(st)
+        for slot, _first in placed:
+            shm.set_slot_state(slot, SLOT_WRITTEN)
+        return st
+
+    # ----------------------------------------------------------------- shared state
+    def writable_state(self) -> WriteState:
+        """The write state, after cleaning up what a dead writer left (write lock held)."""
+        if self._shm.poisoned():
+            raise self.poisoned_error()
+        try:
+            st = self._shm.write_state()
+        except TornStateError:
+            st = self._rebuild_state()
+        if st.intent == INTENT_APPEND:
+            fd = self.fd(st.active)
+            try:
+                # Only up to the file's end: past it nothing landed, and zeroing there
+                # could need new blocks on a full disk.
+                end = min(st.pending_end, self._fs.fsize(fd))
+                self._fs.pwrite(fd, bytes(max(0, end - st.offset)), st.offset)
+                self._fs.fdatasync(fd)
+            except OSError as exc:
+                raise self.io_error("clean-up write", exc) from exc
+            st = st._replace(intent=INTENT_NONE, pending_end=0)
+            self._shm.set_write(st)
+        elif st.intent == INTENT_ROLL:
+            st = self._roll(st)
+        return st
+
+    def state_snapshot(self) -> WriteState:
+        """The write state, read without the write lock when possible."""
+        try:
+            return self._shm.write_state_snapshot()
+        except TornStateError:
+            with self._wlock:  # a writer was preempted between two updates: wait for it
+                try:
+                    return self._shm.write_state()
+                except TornStateError:
+                    return self._rebuild_state()
+
+    def _rebuild_state(self) -> WriteState:
+        """The shared write state is unreadable (damaged): read it back from disk. Slots
+        in a batch may or may not be in the log: their producers are told so."""
+        firsts = list_segments(self._fs, self._dir)
+        newest = firsts[-1]
+        salt = read_header(self._fs, self._dir, newest, self._wal_id).salt
+        result = recover_tail(self._fs, self._dir, newest, salt)
+        sealed = sum(self._fs.size(segment_path(self._dir, f)) for f in firsts[:-1])
+        for slot in range(self._shm.slots_hint()):
+            batch, payloads = self._shm.ready_slot(slot)
+            if payloads is not None and batch:
+                self._shm.set_slot_state(slot, SLOT_FAILED, ERR_UNKNOWN)
+        st = WriteState(newest, salt, INTENT_NONE, result.end, result.next_lsn, sealed, 0, 0)
+        self._shm.set_write(st)
+        return st
+
+    def _check_cap(self, st: WriteState, size: int) -> None:
+        cap = self._opts.max_bytes
+        if cap is not None and st.sealed_bytes + st.offset + size > cap:
+            raise LogFullError(
+                f"the log in {self._dir} holds {st.sealed_bytes + st.offset} bytes and the cap "
+                f"is {cap}: nothing was appended; let the pump confirm the backlog or raise "
+                "WAL_MAX_BYTES"
+            )
+
+    def _roll(self, st: WriteState) -> WriteState:
+        """Seal the active segment and start the next one (write lock held)."""
+        free = self._fs.free_bytes(self._dir)
+        if free < self._opts.segment_bytes + self._opts.min_free_bytes:
+            raise LogFullError(
+                f"only {free} bytes free on the disk of {self._dir}: not starting a new segment; "
+                "nothing was appended. Free disk space, then append again"
+            )
+        self._shm.set_write(st._replace(intent=INTENT_ROLL))
+        old = self.fd(st.active)
+        try:
+            self._fs.ftruncate(old, st.offset)
+            self._fs.fdatasync(old)
+        except OSError as exc:
+            raise self.io_error("seal", exc) from exc
+        try:
+            fd, salt = create_segment(
+                self._fs,
+                self._dir,
+                st.next_lsn,
+                st.active,
+                self._wal_id,
+                self._opts.segment_bytes,
+                self._opts.preallocate,
+            )
+        except OSError as exc:
+            if self._fs.exists(segment_path(self._dir, st.next_lsn)):
+                # Renamed into place but its directory fsync failed: the new segment may or
+                # may not survive a crash, and appending on to the old one would give its
+                # LSNs two homes. Only recovery can tell what is on disk.
+                raise self.io_error("segment creation", exc) from exc
+            self._shm.set_write(st._replace(intent=INTENT_NONE))  # keep appending to the old
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LogFullError(f"no space for a new segment in {self._dir}: {exc}") from exc
+            raise WalError(f"could not create a segment in {self._dir}: {exc}") from exc
+        with self._fd_lock:
+            self._fds[st.next_lsn] = fd
+        new = WriteState(
+            st.next_lsn, salt, INTENT_NONE, SEGMENT_HEADER_SIZE, st.next_lsn,
+            st.sealed_bytes + st.offset, 0, st.last_batch,
+        )  # fmt: skip
+        self._shm.set_write(new)
+        # Every user of a segment descriptor holds the write lock (as we do): none is in
+        # use by another thread of this process.
+        self.forget_fds_below(st.next_lsn)
+        return new
+
+    def prune(self, lwm: int) -> int:
+        """Delete the sealed segments wholly below ``lwm``; returns how many."""
+        # Under the write lock: the byte count is shared state, and a roll-over must not
+        # change which segment is active while we decide.
+        with self._wlock:
+            st = self.writable_state()
+            firsts = list_segments(self._fs, self._dir)
+            doomed = [f for f, nxt in itertools.pairwise(firsts) if nxt <= lwm]
+            doomed = [f for f in doomed if f != st.active]
+            freed = 0
+            for first in doomed:
+                path = segment_path(self._dir, first)
+                freed += self._fs.size(path)
+                self._fs.unlink(path)
+            if doomed:
+                self._fs.fsync_dir(self._dir)
+                self._shm.set_write(st._replace(sealed_bytes=st.sealed_bytes - freed))
+            return len(doomed)
+
+    # ----------------------------------------------------------------- errors, files
+    def poisoned_error(self) -> LogPoisonedError:
+        return LogPoisonedError(
+            f"the log in {self._dir} is poisoned: an fsync or write failed, so records may "
+            "be lost; nothing more is acknowledged until every process using it has closed "
+            "it and it is reopened"
+        )
+
+    def io_error(self, what: str, exc: OSError) -> WalError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and what == "write":
+            return LogFullError(f"disk full while appending to {self._dir}: {exc}; retry later")
+        # fsyncgate: after a failed fsync the kernel may have dropped the dirty pages, so
+        # a later "successful" fsync proves nothing. Refuse everything until recovery.
+        self._shm.set_poisoned()
+        return LogPoisonedError(
+            f"{what} failed on the log in {self._dir}: {exc}. The log is poisoned: fix the "
+            "disk, stop every process using it and reopen it"
+        )
+
+    def fd(self, first: int) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(first)
+            if fd is None:
+                fd = self._fs.open(segment_path(self._dir, first), os.O_RDWR)
+                self._fds[first] = fd
+            return fd
+
+    def forget_fds_below(self, first: int) -> None:
+        with self._fd_lock:
+            for seg in [s for s in self._fds if s < first]:
+                self._fs.close(self._fds.pop(seg))
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                self._fs.close(fd)
+            self._fds.clear()

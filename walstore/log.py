@@ -110,7 +110,12 @@ class Wal:
     # ----------------------------------------------------------------- public surface
     def append(self, payload: bytes) -> int:
         """Append one record; returns its LSN once durable (per the sync policy)."""
-        return self.append_batch([payload])[0]
+        if type(payload) is not bytes or len(payload) > self._opts.max_record_bytes:
+            return self.append_batch([payload])[0]  # converts, or raises what is wrong
+        if self._closed or self._writer is None:
+            self._check_open()
+            raise LogClosedError(f"the log in {self._dir} is not open")
+        return self._writer.append([payload]).start
 
     def append_batch(self, payloads: Sequence[bytes]) -> range:
         """Append records atomically in order; returns their LSNs once durable."""

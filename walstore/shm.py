@@ -51,6 +51,7 @@ _U64, _U32 = struct.Struct("<Q"), struct.Struct("<I")
 _NEXT_BATCH_OFF = 232  # u64: the next batch id (write lock)
 _SLOTS_HINT_OFF = 240  # u32: slots in use are below this index
 _LAST_GATHER_OFF = 244  # u32: how many slots the last flush wrote (a hint for the next)
+_LEADING_OFF = 248  # u8: 1 while the write lock is held (a hint: stale if its holder died)
 
 _IDS_OFF = 320  # the identities of the shared files: count, then (st_dev, st_ino) each
 _IDS_COUNT = struct.Struct("<I")
@@ -139,10 +140,12 @@ class SharedState:
         except BaseException:
             os.close(self._fd)
             raise
+        self._view = memoryview(self._mm)
         self.flush_word = Word(self._mm, _FLUSH_WORD_OFF)
 
     def close(self) -> None:
         self.flush_word.close()
+        self._view.release()
         self._mm.close()
         os.close(self._fd)
 
@@ -195,7 +198,7 @@ class SharedState:
         (only possible without the write lock)."""
         off = _WRITE_OFFS[self._mm[_SELECTOR_OFF] & 1]
         *fields, stored = _WRITE.unpack_from(self._mm, off)
-        if crc(self._mm[off : off + _WRITE.size - 4]) != stored:
+        if crc(self._view[off : off + _WRITE.size - 4]) != stored:
             raise TornStateError("shared write state checksum mismatch")
         return WriteState(*fields)
 
@@ -214,11 +217,12 @@ class SharedState:
 
     def set_write(self, state: WriteState) -> None:
         """Write the unused copy, then select it (write lock held)."""
-        spare = (self._mm[_SELECTOR_OFF] & 1) ^ 1
-        raw = _WRITE.pack(*state, 0)[:-4]
+        mm = self._mm
+        spare = (mm[_SELECTOR_OFF] & 1) ^ 1
         off = _WRITE_OFFS[spare]
-        self._mm[off : off + _WRITE.size] = raw + _U32.pack(crc(raw))
-        self._mm[_SELECTOR_OFF] = spare  # one byte: the switch is atomic
+        _WRITE.pack_into(mm, off, *state, 0)
+        _U32.pack_into(mm, off + _WRITE.size - 4, crc(self._view[off : off + _WRITE.size - 4]))
+        mm[_SELECTOR_OFF] = spare  # one byte: the switch is atomic
 
     def take_batch_id(self) -> int:
         """A batch id never used before in this state (write lock held)."""
@@ -250,6 +254,12 @@ class SharedState:
         """How many slots are ready (a hint: read without any lock)."""
         mm, end = self._mm, _slot_off(self.slots_hint())
         return sum(1 for off in range(_SLOTS_OFF, end, SLOT_SIZE) if mm[off] == SLOT_READY)
+
+    def leading(self) -> bool:
+        return bool(self._mm[_LEADING_OFF])
+
+    def set_leading(self, on: bool) -> None:
+        self._mm[_LEADING_OFF] = int(on)
 
     def last_gather(self) -> int:
         return int(_U32.unpack_from(self._mm, _LAST_GATHER_OFF)[0])
@@ -366,9 +376,16 @@ class WriteLock(FileLock):
         super().__init__(path)
         self._state = state
 
+    def acquire(self, blocking: bool = True) -> bool:
+        if not super().acquire(blocking):
+            return False
+        self._state.set_leading(True)
+        return True
+
     def release(self) -> None:
-        word = self._state.flush_word
-        word.bump()  # before the unlock: a follower that saw the lock taken sleeps on the
-        super().release()  # old value, so it cannot miss this
-        if self._state.slots_hint():
-            word.wake_all()
+        state = self._state
+        state.set_leading(False)
+        state.flush_word.bump()  # before the unlock: a follower that saw the lock taken
+        super().release()  # sleeps on the old value, so it cannot miss this
+        if state.slots_hint():
+            state.flush_word.wake_all()

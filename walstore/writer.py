@@ -21,6 +21,7 @@ leader checks its checksum.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -72,17 +73,19 @@ class SlotPool:
 
     def __init__(self, shm: SharedState, wlock: WriteLock) -> None:
         self._shm, self._wlock = shm, wlock
-        self._free: list[int] = []
+        self._free: collections.deque[int] = collections.deque()  # atomic append/pop
         self._owned: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # claiming only
         self._retry_at = 0.0  # when every slot was taken: look again after this
 
     def get(self) -> int | None:
         """A slot for this thread, or None if every slot is taken (then append the slow
         way: wait for the write lock)."""
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
         with self._lock:
-            if self._free:
-                return self._free.pop()
             if time.monotonic() < self._retry_at:
                 return None
             for slot in range(SLOT_COUNT):
@@ -96,8 +99,7 @@ class SlotPool:
             return None
 
     def put(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
+        self._free.append(slot)
 
 
 class Writer:
@@ -124,7 +126,7 @@ class Writer:
         if self._opts.sync is SyncPolicy.NONE:
             self._wlock.acquire()
             return self._lead(payloads, durable=False)
-        if self._wlock.acquire(blocking=False):
+        if not self._shm.leading() and self._wlock.acquire(blocking=False):
             return self._lead(payloads)
         slot = self._pool.get() if slot_bytes(payloads) <= SLOT_CAPACITY else None
         if slot is None:  # too big for a slot, or none left: wait for the lock
@@ -151,6 +153,7 @@ class Writer:
     def _follow(self, slot: int, payloads: list[bytes]) -> range:
         shm, word = self._shm, self._shm.flush_word
         shm.fill_slot(slot, payloads)
+        quiet = False  # the last wait timed out: the leader may have died holding the lock
         try:
             while True:
                 seen = word.value
@@ -161,10 +164,11 @@ class Writer:
                     raise self._slot_error(err)
                 if shm.poisoned():
                     raise self.poisoned_error()
-                if self._wlock.acquire(blocking=False):
+                if (quiet or not shm.leading()) and self._wlock.acquire(blocking=False):
                     self._lead(None)
                 else:
                     word.wait(seen, FOLLOWER_WAIT)
+                    quiet = word.value == seen
         finally:
             self._release_slot(slot)
 
@@ -198,7 +202,7 @@ class Writer:
         try:
             st = self.writable_state()
             entries: list[Entry] = [(-1, own)] if own else []
-            if durable:
+            if durable and shm.slots_hint():
                 self._gather()
                 entries += self._collect(st)
                 shm.set_last_gather(len(entries))
@@ -242,6 +246,16 @@ class Writer:
         """Write the entries in order, rolling over to new segments as needed; an entry
         that does not fit under the cap is refused (its slot failed, or LogFullError if
         it is the leader's own). Returns the new state and the leader's own LSNs."""
+        if len(entries) == 1 and entries[0][0] < 0:  # the usual case alone: no slots
+            own = entries[0][1]
+            need = sum(map(len, own)) + RECORD_HEADER_SIZE * len(own)
+            cap = self._opts.max_bytes
+            if st.offset + need <= self._opts.segment_bytes and (
+                cap is None or st.sealed_bytes + st.offset + need <= cap
+            ):
+                first, salt = st.next_lsn, st.salt
+                records = [pack_record(salt, first + i, p) for i, p in enumerate(own)]
+                return self._write_chunk(st, records, []), range(first, first + len(own))
         mine = range(0)
         chunk: list[bytes] = []  # packed records for the active segment
         placed: list[tuple[int, int]] = []  # (slot, first LSN) of the entries in chunk
@@ -282,9 +296,11 @@ class Writer:
         if not chunk:
             return st
         shm = self._shm
-        batch = shm.take_batch_id()
-        for slot, first in placed:
-            shm.assign_slot(slot, batch, first)
+        batch = st.last_batch
+        if placed:
+            batch = shm.take_batch_id()
+            for slot, first in placed:
+                shm.assign_slot(slot, batch, first)
         buf = b"".join(chunk)
         shm.set_write(st._replace(intent=INTENT_APPEND, pending_end=st.offset + len(buf)))
         try:
@@ -300,8 +316,8 @@ class Writer:
             for slot, _first in placed:
                 shm.set_slot_state(slot, SLOT_FAILED, code)
             raise error from exc
-        st = st._replace(offset=st.offset + len(buf), next_lsn=st.next_lsn + len(chunk),
-                         intent=INTENT_NONE, pending_end=0, last_batch=batch)  # fmt: skip
+        st = WriteState(st.active, st.salt, INTENT_NONE, st.offset + len(buf),
+                        st.next_lsn + len(chunk), st.sealed_bytes, 0, batch)  # fmt: skip
         shm.set_write(st)
         for slot, _first in placed:
             shm.set_slot_state(slot, SLOT_WRITTEN)
@@ -454,6 +470,9 @@ class Writer:
         )
 
     def fd(self, first: int) -> int:
+        fd = self._fds.get(first)  # a dict lookup is atomic: the lock is for misses
+        if fd is not None:
+            return fd
         with self._fd_lock:
             fd = self._fds.get(first)
             if fd is None:

@@ -18,7 +18,8 @@ Rows (256-byte records; every append durable before the next one starts):
 - open: ``Wal.open`` of a log of ``--records`` records (recovery: headers and the newest
   segment only), in a fresh process.
 - iteration: ``Wal.iter_from`` over that log, against a bare Python loop that reads the
-  same segment files and checks each record's CRC32C (same process, interleaved).
+  same segment files and checks each record's CRC32C (same process; per repetition the
+  best of three alternating passes of each).
 - memory: peak RSS growth of a process that opens and reads the whole log, at a tenth
   of ``--records`` and at all of it: flat means it does not grow with the log.
 """
@@ -196,12 +197,18 @@ def _read_log(directory: str, reps: int, out: Any) -> None:
     opened = time.perf_counter() - t0
     reads, bares, count = [], [], 0
     for _ in range(reps):
-        t0 = time.perf_counter()
-        count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
-        reads.append(count / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        assert bare_loop(directory) == count
-        bares.append(count / (time.perf_counter() - t0))
+        # Three alternating passes each, the best of each kept: a pass that another
+        # tenant of the machine slowed down says nothing about either loop.
+        read_s = bare_s = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
+            read_s = min(read_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert bare_loop(directory) == count
+            bare_s = min(bare_s, time.perf_counter() - t0)
+        reads.append(count / read_s)
+        bares.append(count / bare_s)
     wal.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out.put({"open_s": opened, "read": reads, "bare": bares, "records": count,

@@ -15,7 +15,7 @@ from .format import (
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     TYPE_DATA,
-    VALID_TYPES,
+    TYPE_LOST,
     segment_name,
     unpack_segment_header,
 )
@@ -109,24 +109,27 @@ class Reader:
         pos, lsn, want, salt, size = 0, self._cur, self.next_lsn, self._salt, len(buf)
         needed = 0
         bad = False
-        while lsn < limit and len(out) < max_records:
-            if pos + RECORD_HEADER_SIZE > size:
-                break
+        # Each LSN gives at most one record: stopping at this LSN bounds the batch
+        # without counting the list on every record (as a bare loop would not).
+        stop = min(limit, max(lsn, want) + max_records - len(out))
+        last_header = size - RECORD_HEADER_SIZE
+        hsize, data, lost = RECORD_HEADER_SIZE, TYPE_DATA, TYPE_LOST
+        while lsn < stop and pos <= last_header:
             stored, length, rlsn, rtype = unpack(buf, pos)
-            end = pos + RECORD_HEADER_SIZE + length
+            end = pos + hsize + length
             if end > size:
                 bad = length > MAX_RECORD_BYTES
                 needed = end - pos
                 break
-            if (
-                rlsn != lsn
-                or rtype not in VALID_TYPES
-                or crc32c(view[pos + 4 : end], salt) != stored
-            ):
+            if rlsn != lsn or crc32c(view[pos + 4 : end], salt) != stored:
                 bad = not (stored == length == rlsn == rtype == 0)
                 break  # zeros (not ``bad``): this segment's data ends here
-            if rtype == TYPE_DATA and lsn >= want:
-                append((lsn, buf[pos + RECORD_HEADER_SIZE : end]))
+            if rtype == data:
+                if lsn >= want:
+                    append((lsn, buf[pos + hsize : end]))
+            elif rtype != lost:
+                bad = True
+                break
             pos, lsn = end, lsn + 1
         self._pos += pos
         self._cur = lsn

@@ -20,8 +20,8 @@ Rows (256-byte records; every append durable before the next one starts):
 - iteration: ``Wal.iter_from`` over that log, against a bare Python loop that reads the
   same segment files and checks each record's CRC32C (same process; per repetition the
   best of three alternating passes of each).
-- memory: peak RSS growth of a process that opens and reads the whole log, at a tenth
-  of ``--records`` and at all of it: flat means it does not grow with the log.
+- memory: peak RSS growth of a process that only opens and reads the whole log, at a
+  tenth of ``--records`` and at all of it: flat means it does not grow with the log.
 """
 
 from __future__ import annotations
@@ -190,36 +190,39 @@ def bare_loop(directory: str) -> int:
     return count
 
 
-def _read_log(directory: str, reps: int, out: Any) -> None:
+def _read_log(directory: str, out: Any) -> None:
+    """Open and iterate the whole log, nothing else: the RSS growth is the log's."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    wal = Wal.open(directory)
-    opened = time.perf_counter() - t0
-    reads, bares, count = [], [], 0
-    for _ in range(reps):
-        # Three alternating passes each, the best of each kept: a pass that another
-        # tenant of the machine slowed down says nothing about either loop.
-        read_s = bare_s = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
-            read_s = min(read_s, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            assert bare_loop(directory) == count
-            bare_s = min(bare_s, time.perf_counter() - t0)
-        reads.append(count / read_s)
-        bares.append(count / bare_s)
-    wal.close()
+    with Wal.open(directory) as wal:
+        count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out.put({"open_s": opened, "read": reads, "bare": bares, "records": count,
-             "rss_growth_kib": peak - before})  # fmt: skip
+    out.put({"records": count, "rss_growth_kib": peak - before})
 
 
-def measure_log(directory: str, reps: int) -> dict[str, Any]:
-    """Open + read in a fresh process, so that RSS growth is this log's only."""
+def _iterate_vs_bare(directory: str, reps: int, out: Any) -> None:
+    reads, bares = [], []
+    with Wal.open(directory) as wal:
+        for _ in range(reps):
+            # Three alternating passes each, the best of each kept: a pass that another
+            # tenant of the machine slowed down says nothing about either loop.
+            read_s = bare_s = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
+                read_s = min(read_s, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                assert bare_loop(directory) == count
+                bare_s = min(bare_s, time.perf_counter() - t0)
+            reads.append(count / read_s)
+            bares.append(count / bare_s)
+    out.put({"read": reads, "bare": bares})
+
+
+def _in_child(target: Callable[..., None], *args: Any) -> dict[str, Any]:
+    """Run ``target(*args, queue)`` in a fresh process (nothing inherited in memory)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_read_log, args=(directory, reps, out))
+    child = ctx.Process(target=target, args=(*args, out))
     child.start()
     result: dict[str, Any] = out.get(timeout=1800)
     child.join(60)
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         build_log(small, args.records // 10)
         build_log(big, args.records)
         opens = open_times(big, args.reps)
-        small_m, big_m = measure_log(small, 1), measure_log(big, args.reps)
+        small_m, big_m = _in_child(_read_log, small), _in_child(_read_log, big)
+        big_m.update(_in_child(_iterate_vs_bare, big, args.reps))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report = _report(runs, opens, small_m, big_m, args)

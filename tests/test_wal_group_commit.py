@@ -1,4 +1,4 @@
-"""Group commit (walstore.writer) as a state machine, against a model.
+"""Group commit (walstore.commit) as a state machine, against a model.
 
 Each ``Wal`` handle stands for a process (its own descriptors, locks and mapping). The
 steps of the protocol are driven one at a time, in every order hypothesis finds: a

@@ -1,7 +1,7 @@
 """The log: open, append (one or a batch), read from an LSN, watermarks, prune, close.
 
 Several processes may have one log open and append at once; appends from every thread
-and process share flushes (group commit, see ``walstore.writer``).
+and process share flushes (group commit, see ``walstore.commit``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .attach import Attachment
+from .commit import Writer
 from .errors import (
     LogAttachError,
     LogClosedError,
@@ -27,7 +28,6 @@ from .recovery import load_meta, read_checkpoint, recover, write_checkpoint
 from .scan import Record
 from .segments import list_segments, read_header
 from .shm import WriteState
-from .writer import Writer
 
 
 @dataclass(frozen=True)

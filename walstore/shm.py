@@ -15,7 +15,7 @@ disk; later ones attach to it (see walstore.attach).
 - The sync region: the high water mark (every LSN below it is durable), and the
   poisoned flag (an fsync failed; nothing more is acknowledged until recovery).
 - The flush word: bumped at the end of every flush; followers sleep on it (a futex).
-- The slots (group commit, see walstore.log): a producer that finds a flush under way
+- The slots (group commit, see walstore.commit): a producer that finds a flush under way
   puts its payloads in its own slot and sleeps; the next leader writes every ready slot
   with its own records, in one pwrite and one fdatasync, and marks them written. A slot
   belongs to one producer thread at a time, by an OFD lock on its byte of ``shm``.

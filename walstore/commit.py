@@ -153,6 +153,7 @@ class Writer(SegmentWriter):
                 seen = word.value
                 state, first, count, err = shm.slot_result(slot)
                 if state == SLOT_WRITTEN and shm.synced_lsn() >= first + count:
+                    shm.set_slot_state(slot, SLOT_FREE)  # no leader looks at it now
                     return range(first, first + count)
                 if state == SLOT_FAILED:
                     raise self._slot_error(err)
@@ -167,10 +168,11 @@ class Writer(SegmentWriter):
             self._release_slot(slot)
 
     def _release_slot(self, slot: int) -> None:
-        if self._shm.slot_result(slot)[0] == SLOT_READY:
+        state = self._shm.slot_result(slot)[0]
+        if state == SLOT_READY:
             with self._wlock:  # a leader may be reading it right now
                 self._shm.set_slot_state(slot, SLOT_FREE)
-        else:
+        elif state != SLOT_FREE:
             self._shm.set_slot_state(slot, SLOT_FREE)
         self._pool.put(slot)
 

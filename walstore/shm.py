@@ -285,11 +285,15 @@ class SharedState:
 
     def fill_slot(self, slot: int, payloads: list[bytes]) -> None:
         """The owner puts its payloads in, then marks the slot ready (last)."""
-        off = _slot_off(slot)
-        data = b"".join(_LEN.pack(len(p)) + p for p in payloads)
-        self._mm[off + _SLOT_DATA : off + _SLOT_DATA + len(data)] = data
-        _SLOT.pack_into(self._mm, off, SLOT_FREE, len(payloads), len(data), crc(data), 0, 0, 0)
-        _U32.pack_into(self._mm, off, SLOT_READY)
+        off = _SLOTS_OFF + slot * SLOT_SIZE
+        if len(payloads) == 1:
+            data = _LEN.pack(len(payloads[0])) + payloads[0]
+        else:
+            data = b"".join([_LEN.pack(len(p)) + p for p in payloads])
+        mm = self._mm
+        mm[off + _SLOT_DATA : off + _SLOT_DATA + len(data)] = data
+        _SLOT.pack_into(mm, off, SLOT_FREE, len(payloads), len(data), crc(data), 0, 0, 0)
+        _U32.pack_into(mm, off, SLOT_READY)
 
     def slot_result(self, slot: int) -> tuple[int, int, int, int]:
         """(state, first LSN, count, error) of a slot."""
@@ -299,17 +303,18 @@ class SharedState:
     def ready_slot(self, slot: int) -> tuple[int, list[bytes] | None]:
         """For a leader: (batch, payloads) of a ready slot; payloads None if the slot is
         not ready, or its data is not all there yet (checksum)."""
-        off = _slot_off(slot)
-        state, count, nbytes, stored, _err, batch, _first = _SLOT.unpack_from(self._mm, off)
+        off = _SLOTS_OFF + slot * SLOT_SIZE
+        mm = self._mm
+        state, count, nbytes, stored, _err, batch, _first = _SLOT.unpack_from(mm, off)
         if state != SLOT_READY or nbytes > SLOT_CAPACITY:
             return batch, None
-        data = self._mm[off + _SLOT_DATA : off + _SLOT_DATA + nbytes]
-        if crc(data) != stored:
+        start = off + _SLOT_DATA
+        if crc(self._view[start : start + nbytes]) != stored:
             return batch, None
-        payloads, pos = [], 0
+        payloads, pos, end = [], start, start + nbytes
         for _ in range(count):
-            (length,) = _LEN.unpack_from(data, pos)
-            payloads.append(data[pos + 4 : pos + 4 + length])
+            (length,) = _LEN.unpack_from(mm, pos)
+            payloads.append(mm[pos + 4 : min(pos + 4 + length, end)])
             pos += 4 + length
         return batch, payloads
 

@@ -7,6 +7,7 @@ and process share flushes (group commit, see ``walstore.commit``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -149,12 +150,14 @@ class Wal:
 
     def iter_from(self, lsn: int) -> Iterator[Record]:
         """Records from ``lsn`` up to the high water mark as of each batch."""
+        # The batches are chained in C: no Python frame resumes for each record (a
+        # generator yielding each one cost ~1/3 of the iteration, bench/wal.py).
+        return itertools.chain.from_iterable(self._batches(lsn))
+
+    def _batches(self, lsn: int) -> Iterator[list[Record]]:
         reader = self.reader(lsn)
         try:
-            # Batches, not ``yield from reader``: one generator less for every record to
-            # pass through (~8% faster iteration).
-            for batch in reader.batches():
-                yield from batch
+            yield from reader.batches()
         finally:
             reader.close()
 

@@ -1,17 +1,27 @@
-"""walstore benchmark: durable appends against SQLite, reading, open time, memory.
+"""walstore benchmark: durable appends against their physical limit, reading, open, memory.
 
-    python -m bench.wal [--seconds 3] [--records 1000000] [--json out.json]
+    python -m bench.wal [--seconds 3] [--reps 5] [--records 1000000] [--json out.json]
 
-Every figure is measured in this run, next to its baseline, because this machine class is
-noisy (the same case can differ by 40% twenty minutes apart): compare the ratios.
-- appends: N producer processes (1, 4, 16) append 256-byte JSON records, each one durable
-  (fdatasync, group commit) before the next; SQLite in WAL mode with synchronous=FULL, one
-  row per commit, same N, same record, same disk, same duration.
-- read: records/s through ``Wal.iter_from`` over the whole log.
-- open: time for ``Wal.open`` on a log of ``--records`` records (recovery path: the
-  process is alone, so it checks the chain and scans the newest segment only).
-- memory: peak RSS growth of a child that opens and reads the whole log, at 1/10 and at
-  the full size: flat means it does not depend on the log's size.
+This machine class is noisy (the same case can differ by 40% twenty minutes apart), so
+every figure is measured in the same run as its baseline, repetitions are interleaved
+(repetition 1 of every case, then repetition 2, ...), and the goals are checked on the
+ratio of each repetition, reported as median and range.
+
+Rows (256-byte records; every append durable before the next one starts):
+- raw-1: one process pwrite + fdatasync into its own pre-zeroed file: the disk's limit
+  for one writer.
+- raw-16: sixteen such processes, each on its own file (total appends/s).
+- walstore-1 / walstore-16: producers appending to one WAL (fsync policy always).
+- sqlite-16: sixteen processes inserting one row per commit into one SQLite database
+  (WAL mode, synchronous=FULL).
+- cpu/append: every producer's user+sys time over the appends (walstore-16 is the goal).
+- open: ``Wal.open`` of a log of ``--records`` records (recovery: headers and the newest
+  segment only), in a fresh process.
+- iteration: ``Wal.iter_from`` over that log, against a bare Python loop that reads the
+  same segment files and checks each record's CRC32C (same process; per repetition the
+  best of three alternating passes of each).
+- memory: peak RSS growth of a process that only opens and reads the whole log, at a
+  tenth of ``--records`` and at all of it: flat means it does not grow with the log.
 """
 
 from __future__ import annotations
@@ -23,15 +33,27 @@ import os
 import resource
 import shutil
 import sqlite3
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+import crc32c
+
 from walstore import Options, SyncPolicy, Wal
+from walstore.format import RECORD_HEADER, SEGMENT_HEADER_SIZE, unpack_segment_header
 
 RECORD = 256
-CONCURRENCY = (1, 4, 16)
+RAW_FILE_BYTES = 8 << 20  # each raw writer's pre-zeroed file (written round and round)
+GOALS = (  # (name, ratio of, to, minimum) - or a maximum for cpu and open
+    ("walstore-16 / raw-16", "walstore-16", "raw-16", 2.0),
+    ("walstore-16 / sqlite-16", "walstore-16", "sqlite-16", 4.0),
+    ("walstore-1 / raw-1", "walstore-1", "raw-1", 0.9),
+)
+CPU_GOAL_US = 60.0
+OPEN_GOAL_S = 0.5
+ITER_GOAL = 0.7
 
 
 def _payload(proc: int, n: int) -> bytes:
@@ -39,116 +61,223 @@ def _payload(proc: int, n: int) -> bytes:
     return doc.encode().ljust(RECORD - 1, b" ") + b"\n"
 
 
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _wait(start: float) -> None:
+    while time.time() < start:
+        time.sleep(0.0005)
+
+
+def _raw_writer(path: str, proc: int, start: float, stop: float, out: Any) -> None:
+    fd = os.open(path, os.O_RDWR)
+    n, off = 0, 0
+    _wait(start)
+    cpu = _cpu()
+    while time.time() < stop:
+        os.pwrite(fd, _payload(proc, n), off)
+        os.fdatasync(fd)
+        n += 1
+        off = (off + RECORD) % RAW_FILE_BYTES
+    out.put((n, _cpu() - cpu))
+    os.close(fd)
+
+
 def _wal_producer(directory: str, proc: int, start: float, stop: float, out: Any) -> None:
     wal = Wal.open(directory)
     n = 0
-    while time.time() < start:
-        time.sleep(0.0005)
+    _wait(start)
+    cpu = _cpu()
     while time.time() < stop:
         wal.append(_payload(proc, n))
         n += 1
+    out.put((n, _cpu() - cpu))
     wal.close()
-    out.put(n)
 
 
 def _sqlite_producer(path: str, proc: int, start: float, stop: float, out: Any) -> None:
     db = sqlite3.connect(path, timeout=60, isolation_level=None)
     db.execute("PRAGMA synchronous=FULL")
     n = 0
-    while time.time() < start:
-        time.sleep(0.0005)
+    _wait(start)
+    cpu = _cpu()
     while time.time() < stop:
         db.execute("INSERT INTO log (body) VALUES (?)", (_payload(proc, n),))
         n += 1
+    out.put((n, _cpu() - cpu))
     db.close()
-    out.put(n)
 
 
-def _run_producers(target: Callable[..., None], where: str, procs: int, seconds: float) -> float:
+def _producers(target: Callable[..., None], wheres: list[str], seconds: float) -> dict[str, float]:
+    """Run one process per ``wheres`` entry for ``seconds``: appends/s and CPU/append."""
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    start = time.time() + 0.5 + 0.02 * procs  # let every process get ready first
-    workers = [
+    start = time.time() + 0.5 + 0.03 * len(wheres)  # every process ready first
+    procs = [
         ctx.Process(target=target, args=(where, i, start, start + seconds, out))
-        for i in range(procs)
+        for i, where in enumerate(wheres)
     ]
-    for w in workers:
-        w.start()
-    total = sum(int(out.get(timeout=seconds + 60)) for _ in workers)
-    for w in workers:
-        w.join(30)
-    return total / seconds
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    appends = sum(n for n, _ in results)
+    cpu = sum(c for _, c in results)
+    return {"rate": appends / seconds, "cpu_us": cpu / max(appends, 1) * 1e6}
 
 
-def bench_appends(root: str, seconds: float) -> list[dict[str, float]]:
-    rows = []
-    for procs in CONCURRENCY:
-        wal_dir = os.path.join(root, f"wal-{procs}")
-        Wal.open(wal_dir).close()  # create it (and its first preallocated segment) up front
-        wal_rate = _run_producers(_wal_producer, wal_dir, procs, seconds)
-        db_path = os.path.join(root, f"sqlite-{procs}.db")
+def _case(name: str, root: str, seconds: float) -> dict[str, float]:
+    kind, procs = name.rsplit("-", 1)
+    n = int(procs)
+    where = os.path.join(root, name)
+    os.makedirs(where)
+    try:
+        if kind == "raw":
+            paths = [os.path.join(where, f"raw{i}") for i in range(n)]
+            for path in paths:  # pre-zeroed and durable, so fdatasync needs no metadata
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                os.pwrite(fd, bytes(RAW_FILE_BYTES), 0)
+                os.fsync(fd)
+                os.close(fd)
+            return _producers(_raw_writer, paths, seconds)
+        if kind == "walstore":
+            wal_dir = os.path.join(where, "wal")
+            Wal.open(wal_dir).close()  # the first (preallocated) segment exists up front
+            return _producers(_wal_producer, [wal_dir] * n, seconds)
+        db_path = os.path.join(where, "log.db")
         db = sqlite3.connect(db_path)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("CREATE TABLE log (id INTEGER PRIMARY KEY, body BLOB)")
         db.close()
-        sqlite_rate = _run_producers(_sqlite_producer, db_path, procs, seconds)
-        rows.append({"producers": procs, "walstore": wal_rate, "sqlite": sqlite_rate,
-                     "ratio": wal_rate / sqlite_rate})  # fmt: skip
-        shutil.rmtree(wal_dir)
-    return rows
+        return _producers(_sqlite_producer, [db_path] * n, seconds)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
+CASES = ("raw-1", "walstore-1", "raw-16", "walstore-16", "sqlite-16")
+
+
+# ----------------------------------------------------------------- reading
 def build_log(directory: str, records: int) -> None:
     """Fill a log quickly (batches, no fsync per record) with ``records`` records."""
-    opts = Options(sync=SyncPolicy.NONE)
-    with Wal.open(directory, opts) as wal:
+    with Wal.open(directory, Options(sync=SyncPolicy.NONE)) as wal:
         batch = [_payload(0, i) for i in range(1000)]
         for _ in range(records // 1000):
             wal.append_batch(batch)
 
 
-def _read_all(directory: str, out: Any) -> None:
+def bare_loop(directory: str) -> int:
+    """The floor for iteration: read each segment and check each record's CRC32C."""
+    count = 0
+    unpack, crc = RECORD_HEADER.unpack_from, crc32c.crc32c
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".seg")):
+        with open(os.path.join(directory, name), "rb") as f:
+            buf = f.read()
+        salt = unpack_segment_header(buf[:SEGMENT_HEADER_SIZE]).salt
+        view, pos, size = memoryview(buf), SEGMENT_HEADER_SIZE, len(buf)
+        while pos + 20 <= size:
+            stored, length, _lsn, rtype = unpack(buf, pos)
+            if rtype == 0:
+                break
+            end = pos + 20 + length
+            if crc(view[pos + 4 : end], salt) != stored:
+                raise ValueError("bad record")
+            count += 1
+            pos = end
+    return count
+
+
+def _read_log(directory: str, out: Any) -> None:
+    """Open and iterate the whole log, nothing else: the RSS growth is the log's."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    wal = Wal.open(directory)
-    opened = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
-    read = time.perf_counter() - t0
-    wal.close()
+    with Wal.open(directory) as wal:
+        count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out.put({"open_s": opened, "read_s": read, "records": count, "rss_growth_kib": peak - before})
+    out.put({"records": count, "rss_growth_kib": peak - before})
 
 
-def measure_log(directory: str) -> dict[str, float]:
-    """Open + read in a fresh child, so RSS growth is that of this log only."""
+def _iterate_vs_bare(directory: str, reps: int, out: Any) -> None:
+    reads, bares = [], []
+    with Wal.open(directory) as wal:
+        for _ in range(reps):
+            # Three alternating passes each, the best of each kept: a pass that another
+            # tenant of the machine slowed down says nothing about either loop.
+            read_s = bare_s = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                count = sum(1 for _ in wal.iter_from(wal.first_lsn()))
+                read_s = min(read_s, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                assert bare_loop(directory) == count
+                bare_s = min(bare_s, time.perf_counter() - t0)
+            reads.append(count / read_s)
+            bares.append(count / bare_s)
+    out.put({"read": reads, "bare": bares})
+
+
+def _in_child(target: Callable[..., None], *args: Any) -> dict[str, Any]:
+    """Run ``target(*args, queue)`` in a fresh process (nothing inherited in memory)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    child = ctx.Process(target=_read_all, args=(directory, out))
+    child = ctx.Process(target=target, args=(*args, out))
     child.start()
-    result: dict[str, float] = out.get(timeout=600)
-    child.join(30)
+    result: dict[str, Any] = out.get(timeout=1800)
+    child.join(60)
     return result
+
+
+def _open_time(directory: str, out: Any) -> None:
+    t0 = time.perf_counter()
+    Wal.open(directory).close()
+    out.put(time.perf_counter() - t0)
+
+
+def open_times(directory: str, reps: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    times = []
+    for _ in range(reps):
+        out = ctx.Queue()
+        child = ctx.Process(target=_open_time, args=(directory, out))
+        child.start()
+        times.append(float(out.get(timeout=600)))
+        child.join(60)
+    return times
+
+
+# ----------------------------------------------------------------- report
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per append case")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--records", type=int, default=1_000_000, help="log size for reads")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--dir", help="where to put the logs (default: a temp dir in ./var)")
     args = parser.parse_args(argv)
     os.makedirs("var", exist_ok=True)
     root = tempfile.mkdtemp(prefix="bench-wal-", dir=args.dir or "var")
+    runs: dict[str, list[dict[str, float]]] = {case: [] for case in CASES}
     try:
-        appends = bench_appends(root, args.seconds)
+        for rep in range(args.reps):
+            for case in CASES:
+                runs[case].append(_case(case, root, args.seconds))
+                print(f"rep {rep + 1}/{args.reps} {case:<12} {runs[case][-1]['rate']:>8.0f}/s "
+                      f"{runs[case][-1]['cpu_us']:>6.0f} us cpu/append", flush=True)  # fmt: skip
         small, big = os.path.join(root, "small"), os.path.join(root, "big")
         build_log(small, args.records // 10)
         build_log(big, args.records)
-        small_m, big_m = measure_log(small), measure_log(big)
+        opens = open_times(big, args.reps)
+        small_m, big_m = _in_child(_read_log, small), _in_child(_read_log, big)
+        big_m.update(_in_child(_iterate_vs_bare, big, args.reps))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    report = {"appends": appends, "small_log": small_m, "big_log": big_m}
+    report = _report(runs, opens, small_m, big_m, args)
     _print(report)
     if args.json:
         with open(args.json, "w") as f:
@@ -156,17 +285,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def _report(
+    runs: dict[str, list[dict[str, float]]],
+    opens: list[float],
+    small: dict[str, Any],
+    big: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    rates = {c: [r["rate"] for r in runs[c]] for c in CASES}
+    goals = []
+    for name, num, den, minimum in GOALS:
+        ratios = [a / b for a, b in zip(rates[num], rates[den], strict=True)]
+        goals.append({"goal": f"{name} >= {minimum}", **summary(ratios), "ok": None})
+    cpu = [r["cpu_us"] for r in runs["walstore-16"]]
+    goals.append({"goal": f"cpu/append at 16 producers <= {CPU_GOAL_US:.0f} us", **summary(cpu)})
+    goals.append({"goal": f"open {big['records']} records < {OPEN_GOAL_S} s", **summary(opens)})
+    iters = [a / b for a, b in zip(big["read"], big["bare"], strict=True)]
+    goals.append({"goal": f"iteration / bare loop >= {ITER_GOAL}", **summary(iters)})
+    for g, ok in zip(goals, _goal_checks(goals), strict=True):
+        g["ok"] = ok
+    return {
+        "args": {"seconds": args.seconds, "reps": args.reps, "records": args.records},
+        "cases": {
+            c: {
+                "rate": summary(rates[c]),
+                "cpu_us": summary([r["cpu_us"] for r in runs[c]]),
+                "runs": runs[c],
+            }
+            for c in CASES
+        },
+        "goals": goals,
+        "read": {"records_per_s": summary(big["read"]), "bare_per_s": summary(big["bare"])},
+        "memory_kib": {"tenth": small["rss_growth_kib"], "full": big["rss_growth_kib"]},
+    }
+
+
+def _goal_checks(goals: list[dict[str, Any]]) -> list[bool]:
+    """Judged on the median; the range is printed next to it."""
+    out = []
+    for g in goals:
+        if "cpu" in g["goal"] or g["goal"].startswith("open"):
+            out.append(g["median"] <= float(g["goal"].split()[-2]))
+        else:
+            out.append(g["median"] >= float(g["goal"].split()[-1]))
+    return out
+
+
 def _print(report: dict[str, Any]) -> None:
-    print("durable appends/s (256 B records, fsync per acknowledged append)")
-    print(f"{'producers':>9} {'walstore':>10} {'sqlite':>10} {'ratio':>7}")
-    for row in report["appends"]:
-        print(f"{row['producers']:>9} {row['walstore']:>10.0f} {row['sqlite']:>10.0f} "
-              f"{row['ratio']:>6.1f}x")  # fmt: skip
-    for name in ("small_log", "big_log"):
-        m = report[name]
-        print(f"{name}: {m['records']} records: open {m['open_s'] * 1000:.0f} ms, "
-              f"read {m['records'] / m['read_s'] / 1e6:.2f} M records/s, "
-              f"peak RSS growth {m['rss_growth_kib'] / 1024:.1f} MiB")  # fmt: skip
+    args = report["args"]
+    print(f"\ndurable appends/s, 256-byte records, {args['reps']} interleaved repetitions "
+          f"of {args['seconds']:.0f} s: median (min-max)")  # fmt: skip
+    print(f"{'case':<12} {'appends/s':>24} {'cpu us/append':>22}")
+    for case, c in report["cases"].items():
+        r, u = c["rate"], c["cpu_us"]
+        print(f"{case:<12} {r['median']:>9.0f} ({r['min']:>6.0f}-{r['max']:<6.0f}) "
+              f"{u['median']:>7.0f} ({u['min']:>4.0f}-{u['max']:<4.0f})")  # fmt: skip
+    print("\ngoals (per-repetition ratios, same run): median (min-max)")
+    for g in report["goals"]:
+        print(f"  {'MET ' if g['ok'] else 'MISS'} {g['goal']:<42} {g['median']:>8.2f} "
+              f"({g['min']:.2f}-{g['max']:.2f})")  # fmt: skip
+    rd, mem = report["read"], report["memory_kib"]
+    print(f"\niteration {rd['records_per_s']['median'] / 1e6:.2f} M records/s, bare loop "
+          f"{rd['bare_per_s']['median'] / 1e6:.2f} M records/s (medians)")  # fmt: skip
+    print(f"peak RSS growth reading the whole log: {mem['tenth'] / 1024:.1f} MiB at a tenth, "
+          f"{mem['full'] / 1024:.1f} MiB at full size")  # fmt: skip
 
 
 if __name__ == "__main__":

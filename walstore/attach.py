@@ -35,12 +35,11 @@ from collections.abc import Callable
 
 from .errors import LogAttachError, LogBusyError
 from .fs import open_private
-from .shm import CommitGate, FileLock, SharedState, WriteState, repairing_pid
+from .shm import SharedState, WriteLock, WriteState, repairing_pid
 
 LOCK = "LOCK"
 SHM = "shm"
 APPEND_LOCK = "append.lock"
-SYNC_LOCK = "sync.lock"
 # Give up attaching after this long without a verdict: only a process that holds the
 # attach lock without showing itself live (a previous release) can make that happen.
 ATTACH_TIMEOUT = 10.0
@@ -134,13 +133,12 @@ _NOBODY_LIVE = "nobody live"
 
 class Attachment:
     """What a process holds while it has the log open: the attach locks, the shared
-    state and the locks that coordinate appends and flushes."""
+    state and the write lock."""
 
-    def __init__(self, directory: str, gates: int) -> None:
+    def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._gates = gates
         self.lock = AttachLock(directory)
-        self._files: list[FileLock | CommitGate | SharedState] = []
+        self._files: list[WriteLock | SharedState] = []
 
     # The shared files are opened by path once the attach locks are held (a recoverer
     # records what it opened; an attacher compares), and only then.
@@ -149,11 +147,8 @@ class Attachment:
         try:
             self.shm = SharedState(join(self.directory, SHM))
             self._files.append(self.shm)
-            self.wlock = FileLock(join(self.directory, APPEND_LOCK))
+            self.wlock = WriteLock(join(self.directory, APPEND_LOCK), self.shm)
             self._files.append(self.wlock)
-            gate_paths = [join(self.directory, f"gate{i}.lock") for i in range(self._gates)]
-            self.gate = CommitGate(join(self.directory, SYNC_LOCK), gate_paths, self.shm)
-            self._files.append(self.gate)
         except BaseException:
             self._close_files()
             raise
@@ -164,10 +159,7 @@ class Attachment:
         self._files.clear()
 
     def _identities(self) -> list[tuple[str, tuple[int, int]]]:
-        gates = [f"gate{i}.lock" for i in range(self._gates)]
-        names = [SHM, APPEND_LOCK, SYNC_LOCK, *gates]
-        ids = [self.shm.identity(), self.wlock.identity(), *self.gate.identities()]
-        return list(zip(names, ids, strict=True))
+        return [(SHM, self.shm.identity()), (APPEND_LOCK, self.wlock.identity())]
 
     def attach(self, recover: Callable[[], WriteState], timeout: float = ATTACH_TIMEOUT) -> None:
         """Recover the log if nobody has it open, else attach to the shared state; raises

@@ -6,11 +6,13 @@ Directory layout (``WAL_DIR``, created 0700; every file 0600)::
     CHECKPOINT                the persisted low water mark (see below)
     00000000000000000000.seg  segments, named by their first LSN: 20 digits, zero padded,
     00000000000000262144.seg  so that names sort in LSN order
-    LOCK, append.lock,        flock(2) files: attach (shared by every open process,
-    sync.lock,                exclusive for recovery), the append lock, the group-commit
-    gate0.lock, gate1.lock    leader lock and the gates its followers wait on
-    shm                       state shared by the processes that have the log open
-                              (mmap'd; never trusted after a crash, rebuilt on recovery)
+    LOCK                      flock(2), taken with the directory's own flock (the attach
+                              lock: shared by every open process, exclusive to recover;
+                              see walstore.attach)
+    append.lock               flock(2): the write lock (appends, group-commit flushes)
+    shm                       state shared by the processes that have the log open, and
+                              the group-commit slots (mmap'd; never trusted after a
+                              crash, rebuilt on recovery; see walstore.shm)
     torn/                     copies of torn tails cut off at recovery, for forensics
     *.tmp                     files being written; never read, removed at recovery
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 
@@ -15,7 +16,7 @@ from .format import (
     RECORD_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     TYPE_DATA,
-    VALID_TYPES,
+    TYPE_LOST,
     segment_name,
     unpack_segment_header,
 )
@@ -103,38 +104,57 @@ class Reader:
         """Parse whole records; returns (bytes used, bytes needed for the next record).
 
         The position moves past exactly the records parsed, also when one fails."""
-        unpack, crc32c = RECORD_HEADER.unpack_from, _crc32c.crc32c
-        append = out.append
-        view = memoryview(buf)
-        pos, lsn, want, salt, size = 0, self._cur, self.next_lsn, self._salt, len(buf)
-        needed = 0
-        bad = False
-        while lsn < limit and len(out) < max_records:
-            if pos + RECORD_HEADER_SIZE > size:
-                break
-            stored, length, rlsn, rtype = unpack(buf, pos)
-            end = pos + RECORD_HEADER_SIZE + length
-            if end > size:
-                bad = length > MAX_RECORD_BYTES
-                needed = end - pos
-                break
-            if (
-                rlsn != lsn
-                or rtype not in VALID_TYPES
-                or crc32c(view[pos + 4 : end], salt) != stored
-            ):
-                bad = not (stored == length == rlsn == rtype == 0)
-                break  # zeros (not ``bad``): this segment's data ends here
-            if rtype == TYPE_DATA and lsn >= want:
-                append((lsn, buf[pos + RECORD_HEADER_SIZE : end]))
-            pos, lsn = end, lsn + 1
+        pos, lsn, want = 0, self._cur, self.next_lsn
+        # Each LSN gives at most one record: stopping at this LSN bounds the batch
+        # without counting the list on every record (as a bare loop would not).
+        stop = min(limit, max(lsn, want) + max_records - len(out))
+        if lsn < want:  # starting mid-segment: verify, but do not return, what precedes
+            pos, lsn = self._records(buf, pos, lsn, min(want, stop), None)
+        if lsn >= want:
+            pos, lsn = self._records(buf, pos, lsn, stop, out)
         self._pos += pos
         self._cur = lsn
         self.next_lsn = max(want, lsn)
-        if bad:
-            _end, _type, reason = check_record(buf, pos, salt, lsn)
-            self._corrupt(0, reason or "record failed verification")
-        return pos, needed
+        if lsn >= stop:
+            return pos, 0
+        # Stopped early: the end of the buffer, zeros, or a bad record.
+        size, hsize = len(buf), RECORD_HEADER_SIZE
+        if pos + hsize > size:
+            return pos, 0  # the next header is not (all) in this buffer: read on
+        stored, length, rlsn, rtype = RECORD_HEADER.unpack_from(buf, pos)
+        if stored == length == rlsn == rtype == 0:
+            return pos, 0  # zeros: this segment's data ends here
+        if pos + hsize + length > size and length <= MAX_RECORD_BYTES:
+            return pos, hsize + length  # a whole record needs a bigger read
+        reason = check_record(buf, pos, self._salt, lsn)[2]
+        self._corrupt(0, reason or "record failed verification")
+        return pos, 0
+
+    def _records(
+        self, buf: bytes, pos: int, lsn: int, stop: int, out: list[Record] | None
+    ) -> tuple[int, int]:
+        """Verify records from ``pos`` until LSN ``stop`` or one fails (returns where it
+        stopped); append the data records to ``out`` unless it is None. The hot loop of
+        every read: the checks that can only fail at the end of the data are left to
+        the caller."""
+        unpack, crc32c = RECORD_HEADER.unpack_from, _crc32c.crc32c
+        view, salt, size = memoryview(buf), self._salt, len(buf)
+        hsize, data, lost = RECORD_HEADER_SIZE, TYPE_DATA, TYPE_LOST
+        append = (out if out is not None else []).append  # None: parsed, then dropped
+        try:
+            while lsn < stop:
+                stored, length, rlsn, rtype = unpack(buf, pos)
+                end = pos + hsize + length
+                if rlsn != lsn or end > size or crc32c(view[pos + 4 : end], salt) != stored:
+                    break
+                if rtype == data:
+                    append((lsn, buf[pos + hsize : end]))
+                elif rtype != lost:
+                    break
+                pos, lsn = end, lsn + 1
+        except struct.error:
+            pass  # the next header runs past the end of the buffer
+        return pos, lsn
 
     def _corrupt(self, pos: int, reason: str) -> None:
         raise CorruptLogError(segment_name(self._seg), self._pos + pos, reason)

@@ -38,7 +38,7 @@ from .recovery import (
     remove_temp_files,
     write_checkpoint,
 )
-from .scan import check_record, find_valid_after
+from .scan import check_record, find_valid_after, last_nonzero_end
 from .segments import list_segments, segment_path
 from .shm import SharedState
 
@@ -227,7 +227,7 @@ def _salvage(
             continue
         found = find_valid_after(buf, pos, header.salt, lsn)
         if found is None:
-            cut = len(buf[pos:].rstrip(b"\0"))
+            cut = last_nonzero_end(buf, pos) - pos
             if cut:
                 damaged = True
                 report.cut_bytes += cut

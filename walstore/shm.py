@@ -1,20 +1,24 @@
-"""State shared by every process that has one log open, and the locks that guard it.
+"""State shared by every process that has one log open, and the lock that guards it.
 
 The state lives in an mmap'd file (``shm`` in the log's directory), like SQLite's
 ``-shm``: it is a cache of what the segments say, never trusted after a crash. The first
 process to open the log (the one that gets the attach lock exclusively) rebuilds it from
-disk; later ones attach to it.
+disk; later ones attach to it (see walstore.attach).
 
-Two regions, each with its own lock so appenders and the group-commit flusher do not
-serialise on each other:
-- the write region (append lock): active segment, its salt, the append offset, the next
-  LSN, bytes in sealed segments, and an *intent* that says an append or a roll-over was
-  started; a process killed inside the append lock leaves the intent set and the next
+- The write region (written only under the write lock, ``append.lock``): active
+  segment, its salt, the append offset, the next LSN, bytes in sealed segments, the last
+  batch written (see the slots), and an *intent* that says an append or a roll-over was
+  started; a process killed inside the write lock leaves the intent set and the next
   holder cleans up after it (so a half record never ends up in the middle of the log).
-- the sync region (sync lock): the high water mark (every LSN below it is durable) and
-  the poisoned flag (an fsync failed; nothing more is acknowledged).
-- the flush sequence number (written by the flush leader): which commit gate the flush
-  in progress uses (see CommitGate).
+  Two copies and a one-byte selector: an update writes the unused copy, then flips the
+  selector, so a writer killed mid-update never leaves the selected copy torn.
+- The sync region: the high water mark (every LSN below it is durable), and the
+  poisoned flag (an fsync failed; nothing more is acknowledged until recovery).
+- The flush word: bumped at the end of every flush; followers sleep on it (a futex).
+- The slots (group commit, see walstore.commit): a producer that finds a flush under way
+  puts its payloads in its own slot and sleeps; the next leader writes every ready slot
+  with its own records, in one pwrite and one fdatasync, and marks them written. A slot
+  belongs to one producer thread at a time, by an OFD lock on its byte of ``shm``.
 """
 
 from __future__ import annotations
@@ -29,25 +33,46 @@ from typing import NamedTuple
 
 from .format import crc
 from .fs import open_private
+from .futex import Word
 
-SHM_SIZE = 4096
-# Version 2: identities of the shared files (see walstore.attach). A process of the
-# previous release finds the magic unknown and does not attach.
-_MAGIC = b"WALSHM\x00\x02"
-_REPAIR_MAGIC = b"WALRPR\x00\x02"  # walstore repair runs; the generation field is its pid
+# Version 3: the slots and the double write region. A process of an older release finds
+# the magic unknown and does not attach.
+_MAGIC = b"WALSHM\x00\x03"
+_REPAIR_MAGIC = b"WALRPR\x00\x03"  # walstore repair runs; the generation field is its pid
 _HEAD = struct.Struct("<8sQ")  # magic, generation
-_WRITE = struct.Struct("<QIIQQQQI")  # +crc
-_WRITE_OFF = 64
+_WRITE = struct.Struct("<QIIQQQQQI")  # WriteState, then the CRC of the rest
+_SELECTOR_OFF = 64  # which copy of the write region is current: 0 or 1
+_WRITE_OFFS = (72, 136)
 _SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
 _SYNCED, _POISONED = struct.Struct("<Q"), struct.Struct("<I")  # its fields, written apart
-_SYNC_OFF = 192
-_SEQ = struct.Struct("<Q")  # flush sequence number: picks the commit gate (CommitGate)
-_SEQ_OFF = 256
+_SYNC_OFF = 200
+_FLUSH_WORD_OFF = 224  # u32, the futex followers sleep on
+_U64, _U32 = struct.Struct("<Q"), struct.Struct("<I")
+_NEXT_BATCH_OFF = 232  # u64: the next batch id (write lock)
+_SLOTS_HINT_OFF = 240  # u32: slots in use are below this index
+_LAST_GATHER_OFF = 244  # u32: how many slots the last flush wrote (a hint for the next)
+_LEADING_OFF = 248  # u8: 1 while the write lock is held (a hint: stale if its holder died)
 
 _IDS_OFF = 320  # the identities of the shared files: count, then (st_dev, st_ino) each
 _IDS_COUNT = struct.Struct("<I")
 _ID = struct.Struct("<QQ")
 _MAX_IDS = 32
+
+SLOT_COUNT = 64
+SLOT_SIZE = 16384
+_SLOTS_OFF = 4096
+# state, count, nbytes, data crc, error, -, batch, first LSN
+_SLOT = struct.Struct("<IIIII4xQQ")
+_SLOT_DATA = 48
+SLOT_CAPACITY = SLOT_SIZE - _SLOT_DATA  # payload bytes + 4 per payload
+_LEN = struct.Struct("<I")
+_SLOT_LOCK_BASE = 1 << 32  # OFD lock byte of slot i: _SLOT_LOCK_BASE + i (past the data)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock (Linux, 64-bit off_t)
+
+SHM_SIZE = _SLOTS_OFF + SLOT_COUNT * SLOT_SIZE
+
+SLOT_FREE, SLOT_READY, SLOT_WRITTEN, SLOT_FAILED = 0, 1, 2, 3
+ERR_FULL, ERR_POISONED = 1, 2
 
 INTENT_NONE = 0
 INTENT_APPEND = 1  # bytes [offset, pending_end) may hold a partial write of a dead process
@@ -62,10 +87,11 @@ class WriteState(NamedTuple):
     next_lsn: int
     sealed_bytes: int  # bytes in every segment but the active one
     pending_end: int  # with INTENT_APPEND: end of the region being written
+    last_batch: int = 0  # id of the last batch of slots whose records are in the log
 
 
 class TornStateError(Exception):
-    """The write region failed its checksum: a process died while updating it."""
+    """The write region failed its checksum: read while a writer was updating it."""
 
 
 def file_identity(fd: int) -> tuple[int, int]:
@@ -95,6 +121,15 @@ def repairing_pid(path: str) -> int | None:
     return int(pid)
 
 
+def _slot_off(slot: int) -> int:
+    return _SLOTS_OFF + slot * SLOT_SIZE
+
+
+def slot_bytes(payloads: list[bytes]) -> int:
+    """Room ``payloads`` take in a slot (compare with SLOT_CAPACITY)."""
+    return sum(len(p) for p in payloads) + _LEN.size * len(payloads)
+
+
 class SharedState:
     def __init__(self, path: str) -> None:
         self._fd = open_private(path, os.O_RDWR | os.O_CREAT)
@@ -105,8 +140,12 @@ class SharedState:
         except BaseException:
             os.close(self._fd)
             raise
+        self._view = memoryview(self._mm)
+        self.flush_word = Word(self._mm, _FLUSH_WORD_OFF)
 
     def close(self) -> None:
+        self.flush_word.close()
+        self._view.release()
         self._mm.close()
         os.close(self._fd)
 
@@ -123,9 +162,12 @@ class SharedState:
         process attaches only if its own files are these (see walstore.attach)."""
         if len(identities) > _MAX_IDS:
             raise ValueError(f"at most {_MAX_IDS} shared files")
-        self._mm[:SHM_SIZE] = bytes(SHM_SIZE)
+        # The slots are not cleared: a slot is reset when it is claimed, and leaders look
+        # only at claimed slots (below the hint, zero here).
+        self._mm[:_SLOTS_OFF] = bytes(_SLOTS_OFF)
         self.set_write(state)
         _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, 0)
+        _U64.pack_into(self._mm, _NEXT_BATCH_OFF, 1)
         _IDS_COUNT.pack_into(self._mm, _IDS_OFF, len(identities))
         for i, ident in enumerate(identities):
             _ID.pack_into(self._mm, _IDS_OFF + _IDS_COUNT.size + i * _ID.size, *ident)
@@ -152,17 +194,19 @@ class SharedState:
 
     # -- write region --
     def write_state(self) -> WriteState:
-        """The write region; raises TornStateError if its checksum fails."""
-        *fields, stored = _WRITE.unpack_from(self._mm, _WRITE_OFF)
-        if crc(self._mm[_WRITE_OFF : _WRITE_OFF + _WRITE.size - 4]) != stored:
+        """The current write region; raises TornStateError if it is being rewritten
+        (only possible without the write lock)."""
+        off = _WRITE_OFFS[self._mm[_SELECTOR_OFF] & 1]
+        *fields, stored = _WRITE.unpack_from(self._mm, off)
+        if crc(self._view[off : off + _WRITE.size - 4]) != stored:
             raise TornStateError("shared write state checksum mismatch")
         return WriteState(*fields)
 
     def write_state_snapshot(self, tries: int = 200) -> WriteState:
-        """A consistent read without the append lock (retries while a writer updates).
+        """A consistent read without the write lock (retries while a writer updates).
 
         Raises TornStateError if it stays torn: the writer may have been preempted in the
-        middle of its update, or have died there. Callers then read under the lock."""
+        middle of two updates. Callers then read under the lock."""
         for attempt in range(tries):
             try:
                 return self.write_state()
@@ -172,9 +216,19 @@ class SharedState:
         raise TornStateError("shared write state stayed inconsistent")
 
     def set_write(self, state: WriteState) -> None:
-        raw = _WRITE.pack(*state, 0)[:-4]
-        # One memcpy of the whole region, checksum included.
-        self._mm[_WRITE_OFF : _WRITE_OFF + _WRITE.size] = raw + struct.pack("<I", crc(raw))
+        """Write the unused copy, then select it (write lock held)."""
+        mm = self._mm
+        spare = (mm[_SELECTOR_OFF] & 1) ^ 1
+        off = _WRITE_OFFS[spare]
+        _WRITE.pack_into(mm, off, *state, 0)
+        _U32.pack_into(mm, off + _WRITE.size - 4, crc(self._view[off : off + _WRITE.size - 4]))
+        mm[_SELECTOR_OFF] = spare  # one byte: the switch is atomic
+
+    def take_batch_id(self) -> int:
+        """A batch id never used before in this state (write lock held)."""
+        (batch,) = _U64.unpack_from(self._mm, _NEXT_BATCH_OFF)
+        _U64.pack_into(self._mm, _NEXT_BATCH_OFF, batch + 1)
+        return int(batch)
 
     # -- sync region --
     def synced_lsn(self) -> int:
@@ -184,7 +238,7 @@ class SharedState:
         return bool(_SYNC.unpack_from(self._mm, _SYNC_OFF)[1])
 
     def set_synced(self, synced_lsn: int) -> None:
-        """Publish the high water mark (flush leader only). Never touches the poisoned
+        """Publish the high water mark (write lock held). Never touches the poisoned
         flag, which another process may set at any moment."""
         _SYNCED.pack_into(self._mm, _SYNC_OFF, synced_lsn)
 
@@ -192,12 +246,89 @@ class SharedState:
         """Poison the log for every process; only ``initialise`` (recovery) clears it."""
         _POISONED.pack_into(self._mm, _SYNC_OFF + _SYNCED.size, 1)
 
-    # -- flush sequence (written by the flush leader only; any value is safe) --
-    def flush_seq(self) -> int:
-        return int(_SEQ.unpack_from(self._mm, _SEQ_OFF)[0])
+    # -- slots --
+    def slots_hint(self) -> int:
+        return int(_U32.unpack_from(self._mm, _SLOTS_HINT_OFF)[0])
 
-    def set_flush_seq(self, seq: int) -> None:
-        _SEQ.pack_into(self._mm, _SEQ_OFF, seq & 0xFFFFFFFFFFFFFFFF)
+    def ready_slots(self) -> int:
+        """How many slots are ready (a hint: read without any lock)."""
+        mm, end = self._mm, _slot_off(self.slots_hint())
+        return sum(1 for off in range(_SLOTS_OFF, end, SLOT_SIZE) if mm[off] == SLOT_READY)
+
+    def leading(self) -> bool:
+        return bool(self._mm[_LEADING_OFF])
+
+    def set_leading(self, on: bool) -> None:
+        self._mm[_LEADING_OFF] = int(on)
+
+    def last_gather(self) -> int:
+        return int(_U32.unpack_from(self._mm, _LAST_GATHER_OFF)[0])
+
+    def set_last_gather(self, count: int) -> None:
+        _U32.pack_into(self._mm, _LAST_GATHER_OFF, count)
+
+    def try_claim_slot(self, slot: int) -> bool:
+        """Own ``slot`` (for this open file) while it stays open; False if taken."""
+        lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _SLOT_LOCK_BASE + slot, 1, 0)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, lock)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def reset_slot(self, slot: int) -> None:
+        """Make a newly claimed slot free (write lock held: a leader may be reading a
+        slot left ready by a process that died)."""
+        _SLOT.pack_into(self._mm, _slot_off(slot), SLOT_FREE, 0, 0, 0, 0, 0, 0)
+        if self.slots_hint() <= slot:
+            _U32.pack_into(self._mm, _SLOTS_HINT_OFF, slot + 1)
+
+    def fill_slot(self, slot: int, payloads: list[bytes]) -> None:
+        """The owner puts its payloads in, then marks the slot ready (last)."""
+        off = _SLOTS_OFF + slot * SLOT_SIZE
+        if len(payloads) == 1:
+            data = _LEN.pack(len(payloads[0])) + payloads[0]
+        else:
+            data = b"".join([_LEN.pack(len(p)) + p for p in payloads])
+        mm = self._mm
+        mm[off + _SLOT_DATA : off + _SLOT_DATA + len(data)] = data
+        _SLOT.pack_into(mm, off, SLOT_FREE, len(payloads), len(data), crc(data), 0, 0, 0)
+        _U32.pack_into(mm, off, SLOT_READY)
+
+    def slot_result(self, slot: int) -> tuple[int, int, int, int]:
+        """(state, first LSN, count, error) of a slot."""
+        state, count, _n, _crc, err, _batch, first = _SLOT.unpack_from(self._mm, _slot_off(slot))
+        return state, first, count, err
+
+    def ready_slot(self, slot: int) -> tuple[int, list[bytes] | None]:
+        """For a leader: (batch, payloads) of a ready slot; payloads None if the slot is
+        not ready, or its data is not all there yet (checksum)."""
+        off = _SLOTS_OFF + slot * SLOT_SIZE
+        mm = self._mm
+        state, count, nbytes, stored, _err, batch, _first = _SLOT.unpack_from(mm, off)
+        if state != SLOT_READY or nbytes > SLOT_CAPACITY:
+            return batch, None
+        start = off + _SLOT_DATA
+        if crc(self._view[start : start + nbytes]) != stored:
+            return batch, None
+        payloads, pos, end = [], start, start + nbytes
+        for _ in range(count):
+            (length,) = _LEN.unpack_from(mm, pos)
+            payloads.append(mm[pos + 4 : min(pos + 4 + length, end)])
+            pos += 4 + length
+        return batch, payloads
+
+    def assign_slot(self, slot: int, batch: int, first: int) -> None:
+        """A leader is about to write the slot's records from LSN ``first`` in ``batch``
+        (written once the write region's last_batch is ``batch``)."""
+        off = _slot_off(slot)
+        _U64.pack_into(self._mm, off + 24, batch)
+        _U64.pack_into(self._mm, off + 32, first)
+
+    def set_slot_state(self, slot: int, state: int, err: int = 0) -> None:
+        off = _slot_off(slot)
+        _U32.pack_into(self._mm, off + 16, err)
+        _U32.pack_into(self._mm, off, state)
 
 
 class FileLock:
@@ -241,67 +372,25 @@ class FileLock:
         os.close(self._fd)
 
 
-class CommitGate:
-    """Leader election for group commit, across threads and processes.
+class WriteLock(FileLock):
+    """The log's write lock (``append.lock``). Every release bumps the flush word and
+    wakes the followers: whoever waits for a flush may find its records written, or the
+    lock free to lead one."""
 
-    The leader holds ``lead`` (exclusive, taken without waiting) and the gate of its
-    flush (exclusive) while it flushes. Everyone else waits on that gate in shared mode
-    without keeping it (as PostgreSQL's LWLockAcquireOrWait): all waiters wake at once
-    when the flush ends, most find their records covered, and one of the rest becomes the
-    next leader. Nobody queues to take ``lead``, so there is no convoy of processes waking
-    one by one only to find there is nothing left to do.
-
-    Flushes take turns on ``len(gate_paths)`` gates (flush ``n`` uses gate ``n % len``;
-    ``n`` lives in the shared state). With one gate, the next leader, woken on the other
-    core, took the gate back before most of the woken waiters had run; flock(2) then put
-    them back to sleep, and a record already durable waited through a second flush.
-    """
-
-    def __init__(self, lead_path: str, gate_paths: list[str], state: SharedState) -> None:
-        self._lead = open_private(lead_path, os.O_RDWR | os.O_CREAT)
-        self._gates = [open_private(p, os.O_RDWR | os.O_CREAT) for p in gate_paths]
-        # Waiting uses its own open file description: a shared flock on the leader's
-        # descriptor would convert the leader's exclusive lock instead of waiting.
-        self._waits = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in gate_paths]
+    def __init__(self, path: str, state: SharedState) -> None:
+        super().__init__(path)
         self._state = state
-        # The gate taken, remembered rather than re-read from the shared state at the end:
-        # unlocking a gate not held would leave the held one locked for good.
-        self._held = -1
-        self._thread = threading.Lock()
 
-    def try_lead(self) -> bool:
-        if not self._thread.acquire(blocking=False):
+    def acquire(self, blocking: bool = True) -> bool:
+        if not super().acquire(blocking):
             return False
-        try:
-            fcntl.flock(self._lead, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._thread.release()
-            return False
-        except BaseException:
-            self._thread.release()
-            raise
-        # Only waits for followers passing through their shared lock.
-        self._held = self._state.flush_seq() % len(self._gates)
-        fcntl.flock(self._gates[self._held], fcntl.LOCK_EX)
+        self._state.set_leading(True)
         return True
 
-    def end_lead(self) -> None:
-        # Waiters that look from now on wait for the next flush, on the next gate.
-        self._state.set_flush_seq(self._state.flush_seq() + 1)
-        fcntl.flock(self._lead, fcntl.LOCK_UN)
-        fcntl.flock(self._gates[self._held], fcntl.LOCK_UN)
-        self._thread.release()
-
-    def wait(self) -> None:
-        """Sleep until the current flush (if any) ends."""
-        fd = self._waits[self._state.flush_seq() % len(self._waits)]
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def identities(self) -> list[tuple[int, int]]:
-        """(device, inode) of the lead lock, then of each gate."""
-        return [file_identity(fd) for fd in (self._lead, *self._gates)]
-
-    def close(self) -> None:
-        for fd in (self._lead, *self._gates, *self._waits):
-            os.close(fd)
+    def release(self) -> None:
+        state = self._state
+        state.set_leading(False)
+        state.flush_word.bump()  # before the unlock: a follower that saw the lock taken
+        super().release()  # sleeps on the old value, so it cannot miss this
+        if state.slots_hint():
+            state.flush_word.wake_all()

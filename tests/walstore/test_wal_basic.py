@@ -359,7 +359,7 @@ def test_file_modes_and_names(tmp_path: Path) -> None:
         wal.set_low_water_mark(3)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     names = os.listdir(directory)
-    locks = {"LOCK", "append.lock", "sync.lock", "gate0.lock", "gate1.lock"}
+    locks = {"LOCK", "append.lock"}
     assert {"META", "CHECKPOINT", "shm", *locks} <= set(names)
     assert not [n for n in names if n.endswith(".tmp")]
     for name in names:

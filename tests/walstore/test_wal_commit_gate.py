@@ -1,7 +1,9 @@
-"""The group-commit gate (walstore.shm.CommitGate) on its own.
+"""The group-commit gate on its own: the flush word (a futex on the shared mapping,
+walstore.futex) and the write lock that bumps it and wakes every follower on release.
 
-Each ``CommitGate`` here opens its own descriptors, so for flock(2) the three of them are
-as separate as three processes; they share one ``SharedState`` as processes share ``shm``.
+Each ``SharedState`` here maps the file separately, as two processes do: a futex on a
+shared file mapping is keyed by the file and offset, not by the mapping. (The protocol
+built on them is tested as a state machine in test_wal_group_commit.py.)
 """
 
 from __future__ import annotations
@@ -13,90 +15,87 @@ from pathlib import Path
 
 import pytest
 
-from walstore.shm import CommitGate, SharedState
+from walstore.shm import SharedState, WriteLock
 
 pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture
-def gates(tmp_path: Path) -> Iterator[list[CommitGate]]:
-    state = SharedState(str(tmp_path / "shm"))
-    paths = [str(tmp_path / f"gate{i}.lock") for i in range(2)]
-    made = [CommitGate(str(tmp_path / "sync.lock"), paths, state) for _ in range(3)]
+def states(tmp_path: Path) -> Iterator[list[SharedState]]:
+    made = [SharedState(str(tmp_path / "shm")) for _ in range(2)]
+    made[0].reset_slot(0)  # a slot in use: releases of the write lock wake followers
     yield made
-    for gate in made:
-        gate.close()
-    state.close()
+    for state in made:
+        state.close()
 
 
-def waiter(gate: CommitGate) -> threading.Event:
+def sleeper(state: SharedState, seen: int, timeout: float = 10.0) -> threading.Event:
     done = threading.Event()
 
     def run() -> None:
-        gate.wait()
+        state.flush_word.wait(seen, timeout)
         done.set()
 
     threading.Thread(target=run, daemon=True).start()
     return done
 
 
-def test_one_leader_at_a_time_and_no_wait_without_one(gates: list[CommitGate]) -> None:
-    a, b, _ = gates
-    assert waiter(b).wait(5)  # no flush in progress: wait returns at once
-    assert a.try_lead()
-    assert not b.try_lead()
-    a.end_lead()
-    assert b.try_lead()
-    b.end_lead()
+def test_wait_returns_at_once_when_the_word_moved_on(states: list[SharedState]) -> None:
+    a, b = states
+    seen = a.flush_word.value
+    b.flush_word.bump()  # another process bumped it since we looked
+    started = time.monotonic()
+    a.flush_word.wait(seen, 5.0)
+    assert time.monotonic() - started < 1.0  # no lost wake-up between check and sleep
 
 
-def test_a_waiter_sleeps_until_the_flush_ends(gates: list[CommitGate]) -> None:
-    a, b, _ = gates
-    assert a.try_lead()
-    done = waiter(b)
-    assert not done.wait(0.3)
-    a.end_lead()
-    assert done.wait(5)
+def test_a_sleeper_wakes_on_wake_all_and_not_before(states: list[SharedState]) -> None:
+    a, b = states
+    seen = a.flush_word.value
+    done = [sleeper(a, seen) for _ in range(3)]
+    assert not any(d.wait(0.3) for d in done)
+    b.flush_word.bump()
+    b.flush_word.wake_all()
+    assert all(d.wait(5) for d in done)  # every follower, at once
 
 
-def test_the_next_leader_does_not_hold_the_last_flush_s_waiters(gates: list[CommitGate]) -> None:
-    """The waiters of flush n are free to go once it ends, even though flush n+1 has
-    begun: it is on the other gate. (With a single gate, the next leader could take it
-    back before they ran, and records already durable waited through another flush.)"""
-    a, b, c = gates
-    assert a.try_lead()
-    done = waiter(b)
-    assert not done.wait(0.3)
-    a.end_lead()
-    assert c.try_lead()  # flush n+1 starts at once
+def test_a_wait_is_bounded_by_its_timeout(states: list[SharedState]) -> None:
+    """A leader killed before waking anyone delays followers by the timeout, no more."""
+    a, _ = states
+    started = time.monotonic()
+    a.flush_word.wait(a.flush_word.value, 0.2)
+    assert 0.15 < time.monotonic() - started < 2.0
+
+
+def test_releasing_the_write_lock_wakes_followers(
+    tmp_path: Path, states: list[SharedState]
+) -> None:
+    a, b = states
+    lead = WriteLock(str(tmp_path / "append.lock"), a)
+    follower = WriteLock(str(tmp_path / "append.lock"), b)
     try:
-        assert done.wait(5), "a waiter of the finished flush is held by the next one"
-        # Whoever starts waiting now waits for flush n+1.
-        late = waiter(b)
-        assert not late.wait(0.3)
+        assert lead.acquire(blocking=False)
+        seen = b.flush_word.value
+        assert not follower.acquire(blocking=False)  # a flush is under way
+        done = sleeper(b, seen)
+        assert not done.wait(0.3)
+        lead.release()
+        assert done.wait(5)
+        assert follower.acquire(blocking=False)  # and the lock is free to lead the next
+        follower.release()
     finally:
-        c.end_lead()
-    assert late.wait(5)
+        lead.close()
+        follower.close()
 
 
-def test_a_leader_that_dies_leaves_nothing_held(tmp_path: Path) -> None:
-    """A process killed while leading drops its flocks with its descriptors; the
-    sequence number it did not advance is harmless."""
-    state = SharedState(str(tmp_path / "shm"))
-    paths = [str(tmp_path / f"gate{i}.lock") for i in range(2)]
-    dying = CommitGate(str(tmp_path / "sync.lock"), paths, state)
-    other = CommitGate(str(tmp_path / "sync.lock"), paths, state)
+def test_a_leader_that_dies_leaves_nothing_held(tmp_path: Path, states: list[SharedState]) -> None:
+    a, b = states
+    dying = WriteLock(str(tmp_path / "append.lock"), a)
+    other = WriteLock(str(tmp_path / "append.lock"), b)
     try:
-        assert dying.try_lead()
-        seq = state.flush_seq()
+        assert dying.acquire(blocking=False)
         dying.close()  # what the kernel does to a killed process's descriptors
-        started = time.monotonic()
-        other.wait()
-        assert time.monotonic() - started < 1
-        assert other.try_lead()
-        assert state.flush_seq() == seq
-        other.end_lead()
-        assert state.flush_seq() == seq + 1
+        assert other.acquire(blocking=False)
+        other.release()
     finally:
         other.close()
-        state.close()

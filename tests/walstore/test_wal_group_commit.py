@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultfs import FaultFs, SimulatedCrash
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from tests.support.faultfs import FaultFs, SimulatedCrash
 from walstore import LogFullError, LogPoisonedError, Options, SyncPolicy, Wal
 from walstore.inspect import verify
 from walstore.shm import SLOT_CAPACITY, SLOT_FAILED, SLOT_WRITTEN, SharedState

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 import time
 
@@ -265,9 +264,12 @@ class Writer(SegmentWriter):
         want = shm.last_gather() - 1  # the last leader's own producer may lead again
         if want < 2:
             return
-        deadline = time.monotonic() + GATHER_WAIT
-        while shm.ready_slots() < want and time.monotonic() < deadline:
-            os.sched_yield()
+        # Sleep rather than spin: spinning burnt the CPU the producers needed to fill
+        # their slots (and counted in every append's CPU time).
+        for _ in range(2):
+            if shm.ready_slots() >= want:
+                return
+            time.sleep(GATHER_WAIT / 2)
 
     def _collect(self, st: WriteState) -> list[Entry]:
         shm, out = self._shm, []

@@ -52,6 +52,16 @@ class Word:
     def __init__(self, mm: mmap.mmap, offset: int) -> None:
         self._word = ctypes.c_uint32.from_buffer(mm, offset)
         self._addr = ctypes.c_void_p(ctypes.addressof(self._word))
+        # The call's arguments, made once: a follower waits once per append.
+        self._seen = ctypes.c_uint32(0)
+        self._timespec = _Timespec(0, 0)
+        self._timeout = -1.0
+        if _FUTEX is not None:
+            self._call, number = _FUTEX
+            self._number = ctypes.c_long(number)
+            self._wait_op, self._wake_op = ctypes.c_int(_FUTEX_WAIT), ctypes.c_int(_FUTEX_WAKE)
+            self._all = ctypes.c_uint32(_WAKE_ALL)
+            self._zero = ctypes.c_uint32(0)
 
     @property
     def value(self) -> int:
@@ -68,22 +78,22 @@ class Word:
         if _FUTEX is None:
             time.sleep(min(timeout, 0.0002))
             return
-        call, number = _FUTEX
-        secs = int(timeout)
-        ts = _Timespec(secs, int((timeout - secs) * 1e9))
-        call(  # type: ignore[operator]
-            ctypes.c_long(number), self._addr, ctypes.c_int(_FUTEX_WAIT),
-            ctypes.c_uint32(seen), ctypes.byref(ts), None, ctypes.c_uint32(0),
+        if timeout != self._timeout:
+            secs = int(timeout)
+            self._timespec.tv_sec, self._timespec.tv_nsec = secs, int((timeout - secs) * 1e9)
+            self._timeout = timeout
+        self._seen.value = seen
+        self._call(  # type: ignore[operator]
+            self._number, self._addr, self._wait_op, self._seen,
+            ctypes.byref(self._timespec), None, self._zero,
         )  # fmt: skip
 
     def wake_all(self) -> None:
         if _FUTEX is None:
             return
-        call, number = _FUTEX
-        call(  # type: ignore[operator]
-            ctypes.c_long(number), self._addr, ctypes.c_int(_FUTEX_WAKE),
-            ctypes.c_uint32(_WAKE_ALL), None, None, ctypes.c_uint32(0),
-        )  # fmt: skip
+        self._call(  # type: ignore[operator]
+            self._number, self._addr, self._wake_op, self._all, None, None, self._zero
+        )
 
     def close(self) -> None:
         """Drop the reference into the mapping (the mapping cannot close while it lives)."""

@@ -232,7 +232,7 @@ class SharedState:
 
     # -- sync region --
     def synced_lsn(self) -> int:
-        return int(_SYNC.unpack_from(self._mm, _SYNC_OFF)[0])
+        return int(_SYNCED.unpack_from(self._mm, _SYNC_OFF)[0])
 
     def poisoned(self) -> bool:
         return bool(_SYNC.unpack_from(self._mm, _SYNC_OFF)[1])
@@ -290,10 +290,10 @@ class SharedState:
             data = _LEN.pack(len(payloads[0])) + payloads[0]
         else:
             data = b"".join([_LEN.pack(len(p)) + p for p in payloads])
+        head = _SLOT.pack(SLOT_FREE, len(payloads), len(data), crc(data), 0, 0, 0)
         mm = self._mm
-        mm[off + _SLOT_DATA : off + _SLOT_DATA + len(data)] = data
-        _SLOT.pack_into(mm, off, SLOT_FREE, len(payloads), len(data), crc(data), 0, 0, 0)
-        _U32.pack_into(mm, off, SLOT_READY)
+        mm[off : off + _SLOT_DATA + len(data)] = head + bytes(_SLOT_DATA - _SLOT.size) + data
+        _U32.pack_into(mm, off, SLOT_READY)  # last: the data and header are in place
 
     def slot_result(self, slot: int) -> tuple[int, int, int, int]:
         """(state, first LSN, count, error) of a slot."""

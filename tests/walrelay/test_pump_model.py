@@ -38,8 +38,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -48,14 +46,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tests.support.faultfs import SimulatedCrash
-from tests.support.pumprig import Clock, FlakyReader
-from walrelay.broker import Ack, TaskMessage
-from walrelay.brokers.stub import MemoryPublisher
-from walrelay.deadletters import DeadLetter, DeadLetterStore
-from walrelay.errors import MessageRejectedError
+from tests.support.pumpmodel import FaultyLetters, FaultyLog, ModelBroker, TaskModel, Workers
+from tests.support.pumprig import Clock
+from walrelay.broker import TaskMessage
+from walrelay.deadletters import DeadLetter
 from walrelay.policy import TaskPolicy
 from walrelay.pump import Pump, PumpConfig
-from walrelay.record import Entry, TaskSpec, decode, parse_task_id, task_id
+from walrelay.record import Entry, TaskSpec, task_id
 from walstore import Options, SyncPolicy, Wal
 
 EXAMPLES = int(os.environ.get("PUMP_MODEL_EXAMPLES", "1000"))
@@ -83,50 +80,6 @@ ORDER_KEYS = st.none() | st.sampled_from(["k1", "k2"])
 FATES = st.lists(st.sampled_from(["ok"] * 6 + ["drop", "dup", "noecho"]), min_size=1, max_size=6)
 
 
-@dataclass
-class TaskModel:
-    kind: str
-    queue: str
-    fail_budget: int  # runs that will fail before one succeeds
-    record: int  # the LSN (identity) of its record
-    eta: float | None = None  # unix time: never published before
-    expires: float | None = None  # unix time: done (by the pump) once past
-    failures: int = 0
-    drops: int = 0
-    succeeded: bool = False
-    copies: int = 0
-    first_published: float | None = None
-    batch_failures: int = 0
-
-
-class ModelBroker(MemoryPublisher):
-    """The memory broker, counting the copies that land and the batches it refuses, and
-    able to kill the pump in the middle of a publish."""
-
-    def __init__(self, wal_id: str, machine: PumpMachine) -> None:
-        super().__init__(wal_id)
-        self.machine = machine
-        self.crash_next = False
-        self.wrong_type.add(TANGLED)
-
-    def publish(self, messages: Sequence[TaskMessage]) -> None:
-        if self.crash_next and not self.down:
-            self.crash_next = False
-            raise SimulatedCrash("the pump is killed in the middle of a publish")
-        lengths = {q: len(d) for q, d in self.queues.items()}
-        try:
-            super().publish(messages)
-        except MessageRejectedError:
-            if len(messages) > 1:
-                for msg in messages:
-                    self.machine.task(msg.task_id).batch_failures += 1
-            raise
-        finally:
-            for q, d in self.queues.items():
-                for msg in itertools.islice(d, lengths.get(q, 0), None):
-                    self.machine.landed(msg)
-
-
 class PumpMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -135,47 +88,18 @@ class PumpMachine(RuleBasedStateMachine):
         self.clock = Clock()
         options = Options(segment_bytes=4160, sync=SyncPolicy.NONE)
         self.wal = Wal.open(os.path.join(self.dir, "wal"), options)
-        real_reader = self.wal.reader
-        self.read_faults: list[bool] = []
-
-        def reader(lsn: int | None = None) -> Any:
-            return FlakyReader(real_reader(lsn), self.read_faults)
-
-        self.wal.reader = reader  # type: ignore[method-assign,assignment]
-        self.carried: dict[int, int] = {}  # LSN of a record the pump carried -> its origin
-        real_append_batch = self.wal.append_batch
-
-        def append_batch(payloads: Sequence[bytes]) -> range:
-            lsns = real_append_batch(payloads)
-            for lsn, payload in zip(lsns, payloads, strict=True):
-                origin = decode(payload).origin if payload.startswith(b'{"v":2') else None
-                if origin is not None:
-                    self.carried[lsn] = origin
-            return lsns
-
-        self.wal.append_batch = append_batch  # type: ignore[method-assign]
-        self.broker = ModelBroker(self.wal.wal_id, self)
-        self.letters = DeadLetterStore(os.path.join(self.dir, "wal"))
-        self.letters_broken = False
-        real_add = self.letters.add
-
-        def add(letter: DeadLetter) -> None:
-            if self.letters_broken:
-                raise OSError(28, "No space left on device")
-            real_add(letter)
-
-        self.letters.add = add  # type: ignore[method-assign]
+        self.log = FaultyLog(self.wal)
+        self.letters = FaultyLetters(os.path.join(self.dir, "wal"))
         self.tasks: dict[str, TaskModel] = {}
+        self.broker = ModelBroker(self.wal.wal_id, self.tasks, self.landed)
+        self.broker.wrong_type.add(TANGLED)
+        self.workers = Workers(self.broker, QUEUES, 4.0)
         # Per LSN the model appended: target -> task id (None: undecodable); its order key.
         self.records: dict[int, dict[str, str] | None] = {}
         self.order_keys: dict[int, str] = {}
-        self.stopped: dict[str, float] = {}  # queue -> since when
-        self.rates = dict.fromkeys(QUEUES, 4.0)
-        self.credit = dict.fromkeys(QUEUES, 0.0)
         self.down_since: float | None = None
         self.restarts = 0
         self.lost_before = 0  # losses counted by pumps that are gone
-        self.drops = 0
         self.lwm = 0
         self.pump = self.new_pump()
 
@@ -186,9 +110,6 @@ class PumpMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.wal.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def task(self, tid: str) -> TaskModel:
-        return self.tasks[tid]
 
     def landed(self, msg: TaskMessage) -> None:
         t = self.tasks[msg.task_id]
@@ -271,7 +192,7 @@ class PumpMachine(RuleBasedStateMachine):
         carried forward (the same tasks as its origin's)."""
         if lsn in self.records:
             return self.records[lsn]
-        origin = self.records[self.carried[lsn]]
+        origin = self.records[self.log.carried[lsn]]
         assert origin is not None
         return origin
 
@@ -284,46 +205,16 @@ class PumpMachine(RuleBasedStateMachine):
             step = min(2.0, end - self.clock.now)
             self.clock.advance(step)
             self.come_back()
-            self.work(step, cycle)
+            self.workers.work(step, cycle)
             self.step_pump()
 
     def come_back(self) -> None:
         now = self.clock.now
-        for queue, since in list(self.stopped.items()):
+        for queue, since in list(self.workers.stopped.items()):
             if now - since >= MAX_AWAY:
-                del self.stopped[queue]
+                del self.workers.stopped[queue]
         if self.down_since is not None and now - self.down_since >= MAX_AWAY:
             self.broker_up()
-
-    def work(self, seconds: float, fates: Any) -> None:
-        if self.broker.down:
-            return
-        for queue in QUEUES:
-            if queue in self.stopped:
-                continue
-            self.credit[queue] += self.rates[queue] * seconds
-            n = int(self.credit[queue])
-            self.credit[queue] -= n
-            for msg in self.broker.take(queue, n):
-                self.run(msg, next(fates))
-
-    def run(self, msg: TaskMessage, fate: str) -> None:
-        t = self.tasks[msg.task_id]
-        if fate == "drop":
-            t.drops += 1
-            self.drops += 1
-            return
-        parsed = parse_task_id(msg.task_id)
-        assert parsed is not None
-        copy = None if fate == "noecho" else msg.copy
-        for _ in range(2 if fate == "dup" else 1):
-            if t.fail_budget > 0:
-                t.fail_budget -= 1
-                t.failures += 1
-                self.broker.send_ack(Ack(*parsed, ok=False, error="Boom()", copy=copy))
-            else:
-                t.succeeded = True
-                self.broker.send_ack(Ack(*parsed, ok=True, copy=copy))
 
     def step_pump(self) -> None:
         try:
@@ -333,15 +224,15 @@ class PumpMachine(RuleBasedStateMachine):
 
     @rule(queue=st.sampled_from(QUEUES))
     def stop_workers(self, queue: str) -> None:
-        self.stopped.setdefault(queue, self.clock.now)
+        self.workers.stopped.setdefault(queue, self.clock.now)
 
     @rule(queue=st.sampled_from(QUEUES))
     def start_workers(self, queue: str) -> None:
-        self.stopped.pop(queue, None)
+        self.workers.stopped.pop(queue, None)
 
     @rule(queue=st.sampled_from(QUEUES), rate=RATES)
     def workers_rate(self, queue: str, rate: float) -> None:
-        self.rates[queue] = rate
+        self.workers.rates[queue] = rate
 
     @rule(queue=st.sampled_from(QUEUES), seconds=st.sampled_from([12.0, 30.0, 60.0]),
           rate=RATES, fates=FATES)  # fmt: skip
@@ -374,11 +265,11 @@ class PumpMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ the pump
     @rule(n=st.integers(1, 3))
     def read_errors(self, n: int) -> None:
-        self.read_faults.extend([True] * n)
+        self.log.read_faults.extend([True] * n)
 
     @rule(broken=st.booleans())
     def dead_letter_store(self, broken: bool) -> None:
-        self.letters_broken = broken
+        self.letters.broken = broken
 
     @rule(graceful=st.booleans())
     def restart_pump(self, graceful: bool) -> None:
@@ -395,11 +286,11 @@ class PumpMachine(RuleBasedStateMachine):
     @rule()
     def drain_and_check(self) -> None:
         """Everything healed: every record ends confirmed or dead-lettered."""
-        self.stopped.clear()
-        self.rates = dict.fromkeys(QUEUES, 4.0)
+        self.workers.stopped.clear()
+        self.workers.rates = dict.fromkeys(QUEUES, 4.0)
         self.broker_up()
-        self.read_faults.clear()
-        self.letters_broken = False
+        self.log.read_faults.clear()
+        self.letters.broken = False
         for _ in range(800):
             self.advance(5.0, ["ok"])
             if self.settled():
@@ -429,7 +320,7 @@ class PumpMachine(RuleBasedStateMachine):
 
     def carried_above(self, lwm: int) -> set[int]:
         """Identities of the records the pump carried forward to LSNs at or above ``lwm``."""
-        return {origin for lsn, origin in self.carried.items() if lsn >= lwm}
+        return {origin for lsn, origin in self.log.carried.items() if lsn >= lwm}
 
     def check_below(self, lwm: int, letters: dict[int, DeadLetter]) -> None:
         """Every task of every record below ``lwm`` is done, or its record was carried
@@ -484,7 +375,7 @@ class PumpMachine(RuleBasedStateMachine):
                 assert info["attempts"] <= t.failures + t.drops, (target, t, letter.reason)
 
     def no_loss_counted_that_did_not_happen(self) -> None:
-        assert self.lost_before + self.pump.stats.lost <= self.drops
+        assert self.lost_before + self.pump.stats.lost <= self.workers.drops
 
     def copies_are_bounded(self) -> None:
         sessions = self.broker.generation

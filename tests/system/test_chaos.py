@@ -93,7 +93,8 @@ def test_a_short_chaos_run_loses_nothing_and_stops_everything(tmp_path: Path, br
     expected = plan(SEED, 20, workers=2, producers=2, mean_gap=3)
     done = report["faults"] + report["skipped_faults"]  # skipped: earlier ones overran
     assert [(f["kind"], f["at"]) for f in done] == [(f.kind, f.at) for f in expected]
-    assert len(report["faults"]) >= 3
+    # A RabbitMQ node takes ~10 s to restart: two of its faults fill the 20 s.
+    assert len(report["faults"]) >= (2 if broker == "rabbitmq" else 3)
     assert not [f for f in report["faults"] if f["error"]]
     faults = [f for f in report["faults"] if f["kind"] in BROKER_KINDS]
     assert faults and all(f["recovery"] is not None for f in faults)

@@ -142,7 +142,8 @@ def test_confirms_are_waited_for_per_batch_not_per_message(
 ) -> None:
     """py-amqp's confirm_publish waits a round trip per message; the publisher waits once
     per batch. The same publisher, messages and broker: one message per call (a wait
-    each) against one call for all (measured 3.5-4.9x here on a loaded machine)."""
+    each) against one call for all. Measured 3.5-4.9x here, 1.7x when other test runs
+    starved this machine's CPU (both then CPU-bound); waiting per message gives 1.0x."""
     app = create_app(Settings(broker_url=rabbit_server.url))
     app.conf.task_send_sent_event = False  # the same work per message either way
     pub = KombuPublisher.for_app(app, wal_id)
@@ -160,7 +161,7 @@ def test_confirms_are_waited_for_per_batch_not_per_message(
     finally:
         pub.close()
         app.close()
-    assert one_by_one > 2 * batched, (one_by_one, batched)
+    assert one_by_one > 1.3 * batched, (one_by_one, batched)
 
 
 def test_acks_delivered_but_not_yet_read_survive_a_lost_connection(

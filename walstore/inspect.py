@@ -162,6 +162,7 @@ def verify(directory: str, fs: OsFs | None = None) -> VerifyReport:
     try:
         found = survey(fs, directory)
     except CorruptLogError as exc:
+        report.segments = len(list_segments(fs, directory))
         report.problems.append(Problem(exc.segment, exc.offset, exc.reason, True))
         return report
     firsts = found.firsts

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from walrelay import RelaySettings
+from walrelay.settings import env_float
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_LEDGER_URL = "sqlite:///var/ledger.sqlite3"
@@ -27,19 +28,6 @@ def _transport_options(raw: str) -> dict[str, Any]:
         raise ValueError(f"BROKER_TRANSPORT_OPTIONS is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError("BROKER_TRANSPORT_OPTIONS must be a JSON object")
-    return value
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if not value >= 1.0:  # also refuses nan
-        raise ValueError(f"{name}={raw!r} must be at least 1 second")
     return value
 
 
@@ -78,8 +66,8 @@ class Settings:
             broker_url=env.get("CELERY_BROKER_URL") or DEFAULT_BROKER_URL,
             broker_transport_options=_transport_options(env.get("BROKER_TRANSPORT_OPTIONS", "")),
             ledger_url=env.get("LEDGER_URL") or DEFAULT_LEDGER_URL,
-            visibility_timeout=_seconds(
-                env, "BROKER_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT
+            visibility_timeout=env_float(
+                env, "BROKER_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, 1.0
             ),
             warehouse_reject_skus=frozenset(s.strip() for s in skus.split(",") if s.strip()),
             relay=RelaySettings.from_env(env),

@@ -1,7 +1,7 @@
 """Pipeline benchmark: the log and the pump against plain ``.delay()``, same run, same broker.
 
     python -m bench.pipeline [--broker redis|rabbitmq|sentinel] [--cases relay,e2e,latency]
-                             [--relay 4000] [--e2e 1000] [--rates 200,100] [--seconds 10]
+                             [--relay 4000] [--e2e 1000] [--rates 50%,80%] [--seconds 10]
                              [--rounds 3] [--json out.json]
 
 Everything runs against a private broker on free loopback ports (``tools.brokers``: a
@@ -18,10 +18,14 @@ settings apply: publisher confirms on RabbitMQ (``confirm_publish``).
   both effects of every purchase are in the ledger. Baseline: ``.delay()``; pipeline:
   ``record_purchase`` (fsync'd appends) with ``celery -A worker pump`` running (it runs,
   idle, during the baseline too). Rounds interleaved, medians.
-- latency: ``record_purchase`` at a steady rate (each of ``--rates``) for ``--seconds``; for
-  each purchase, the time from ``record_purchase`` returning to the later of its two
-  effects being committed (the ledger's ``first_at``). The same for ``.delay()`` as a
-  reference.
+- latency: ``record_purchase`` at a steady rate for ``--seconds``, and ``.delay()`` at the
+  same rate, alternating, ``--rounds`` times; for each purchase, the time from the call to
+  the later of its two effects being committed (the ledger's ``first_at``). Rates are
+  fractions of the end-to-end capacity measured in the same run (``50%`` of the
+  ``.delay()`` end-to-end rate), or absolute purchases/s: a fixed rate above capacity
+  measures queueing, not the pump. Reported: p50 and p99 of each path and what the log and
+  the pump add (pipeline minus baseline, per round, median); goal: p99 added <= 10 ms at
+  50% of capacity.
 """
 
 from __future__ import annotations
@@ -138,16 +142,16 @@ def e2e(
 def latency(
     produce: Callable[[str], None], url: str, rate: float, seconds: float, tag: str
 ) -> dict[str, float]:
-    returned: dict[str, float] = {}
-    n = int(rate * seconds)
+    called: dict[str, float] = {}
+    n = max(1, int(rate * seconds))
     start = time.perf_counter()
     for i in range(n):
         pause = start + i / rate - time.perf_counter()
         if pause > 0:
             time.sleep(pause)
         pid = f"{tag}-{i}"
+        called[pid] = time.time()  # the call counts: record_purchase's fsync is the cost
         produce(pid)
-        returned[pid] = time.time()
     done = effects_done(url)
     wait_until("every effect", lambda: done(tag, n), 600, 0.05)
     engine = create_engine(url)
@@ -157,7 +161,7 @@ def latency(
     )
     with engine.connect() as conn:
         rows = conn.execute(sql, {"lo": f"{tag}-", "hi": f"{tag}."}).all()
-    lat = sorted((float(at) - returned[pid]) * 1000 for pid, at in rows)
+    lat = sorted((float(at) - called[pid]) * 1000 for pid, at in rows)
     return {
         "p50_ms": lat[len(lat) // 2],
         "p99_ms": lat[int(len(lat) * 0.99)],
@@ -230,12 +234,14 @@ def measure(args: argparse.Namespace, tmp: Path, broker: Broker) -> dict[str, An
         def durable(pid: str) -> None:
             record_purchase(purchase(pid))
 
-        if "e2e" in args.cases:
+        if "e2e" in args.cases or "latency" in args.cases:
+            # The latency rates are fractions of this capacity: always measured first.
             out["e2e"] = throughput(args, env, durable)
         if args.latency_workers > 2:
             start_workers(procs, args.latency_workers - 2, first=2)
         if "latency" in args.cases:
-            out["latency"] = latencies(args, env, durable)
+            capacity = capacity_of(out) * args.latency_workers / 2
+            out["latency"] = latencies(args, env, durable, capacity)
     finally:
         procs.stop_all(timeout=20)
     return out
@@ -255,17 +261,54 @@ def throughput(
 
 
 def latencies(
-    args: argparse.Namespace, env: dict[str, str], durable: Callable[[str], None]
+    args: argparse.Namespace,
+    env: dict[str, str],
+    durable: Callable[[str], None],
+    capacity: float,
 ) -> dict[str, Any]:
+    """Each rate, ``--rounds`` times, pipeline and baseline alternating which goes first."""
     delay = make_delay_producer()
-    out: dict[str, Any] = {"workers": args.latency_workers}
-    for rate in args.rates:
-        tag = f"{rate:g}".replace(".", "_")
-        out[f"{rate:g}"] = {
-            "pump": latency(durable, env["LEDGER_URL"], rate, args.seconds, f"lp{tag}"),
-            "delay": latency(delay, env["LEDGER_URL"], rate, args.seconds, f"ld{tag}"),
-        }
+    url = env["LEDGER_URL"]
+    out: dict[str, Any] = {"workers": args.latency_workers, "capacity": capacity, "rates": []}
+    for spec in args.rates:
+        rate = spec.of(capacity)
+        runs: dict[str, list[dict[str, float]]] = {"pump": [], "delay": []}
+        for r in range(args.rounds):
+            tag = f"{rate:.0f}r{r}"
+            order = (("pump", durable), ("delay", delay))
+            for name, produce in order if r % 2 == 0 else order[::-1]:
+                runs[name].append(latency(produce, url, rate, args.seconds, f"l{name[0]}{tag}"))
+        out["rates"].append({"spec": spec.text, "rate": rate, **runs})
     return out
+
+
+class Rate:
+    """``--rates`` item: ``50%`` of the measured capacity, or ``120`` purchases/s."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text.strip()
+        number = self.text.rstrip("%")
+        try:
+            value = float(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"rate {text!r}: a number or a percentage") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"rate {text!r}: must be positive")
+        self.fraction = value / 100 if self.text.endswith("%") else None
+        self.value = value
+
+    def of(self, capacity: float) -> float:
+        return self.value if self.fraction is None else self.fraction * capacity
+
+
+def parse_rates(value: str) -> list[Rate]:
+    return [Rate(v) for v in value.split(",") if v.strip()]
+
+
+def capacity_of(out: dict[str, Any]) -> float:
+    """The end-to-end capacity: the ``.delay()`` baseline's median rate (the pump's is
+    within a few percent of it; the workers are the limit)."""
+    return float(statistics.median(out["e2e"]["delay"]))
 
 
 def make_delay_producer() -> Callable[[str], None]:
@@ -292,18 +335,22 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         e2e_delay, e2e_pump = (statistics.median(out["e2e"][k]) for k in ("delay", "pump"))
         rows.append(("end to end, 2 workers (purchases/s)", f"{e2e_delay:,.0f}",
                      f"{e2e_pump:,.0f}", f"{e2e_pump / e2e_delay:.2f}x", ">= 0.9x"))  # fmt: skip
-    latency = out.get("latency", {})
-    workers = latency.get("workers")
-    for rate, lat in latency.items():
-        if rate == "workers":
-            continue
-        ld, lp = lat["delay"], lat["pump"]
-        target = "p99 < 100 ms" if rate == "200" else ""
-        for q in ("p50", "p99"):
-            rows.append((f"latency at {rate}/s, {workers} workers, {q} (ms)",
-                         f"{ld[q + '_ms']:.1f}", f"{lp[q + '_ms']:.1f}", "",
-                         target if q == "p99" else ""))  # fmt: skip
-    head = ("case", ".delay() baseline", "log + pump", "ratio", "target")
+    latency = out.get("latency")
+    if latency:
+        workers, capacity = latency["workers"], latency["capacity"]
+        for item in latency["rates"]:
+            pump, delay = item["pump"], item["delay"]
+            goal = item["spec"] == "50%"
+            for q in ("p50", "p99"):
+                key = f"{q}_ms"
+                added = statistics.median(p[key] - d[key] for p, d in zip(pump, delay, strict=True))
+                base = statistics.median(d[key] for d in delay)
+                mine = statistics.median(p[key] for p in pump)
+                rows.append((f"latency at {item['spec']} of capacity ({item['rate']:.0f}/s of "
+                             f"{capacity:.0f}/s), {workers} workers, {q} (ms)",
+                             f"{base:.1f}", f"{mine:.1f}", f"+{added:.1f} ms",
+                             "p99 added <= 10 ms" if goal and q == "p99" else ""))  # fmt: skip
+    head = ("case", ".delay() baseline", "log + pump", "ratio / added", "target")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
     lines = [
         "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
@@ -324,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e", type=int, default=1000, help="purchases per end-to-end round")
     parser.add_argument(
         "--rates",
-        type=lambda v: [float(x) for x in v.split(",")],
-        default=[200.0, 100.0],
-        help="purchases/s of the latency runs (comma separated)",
+        type=parse_rates,
+        default=parse_rates("50%,80%"),
+        help="latency runs: percent of the measured end-to-end capacity (50%%) or purchases/s"
+        " (comma separated)",
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="latency run length")
     parser.add_argument("--latency-workers", type=int, default=2, help="workers (-c 1 each)")

@@ -42,7 +42,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from walstore import LogFullError, RecordTooLargeError, Wal
+from walstore import LogFullError, RecordTooLargeError, Wal, WalError
 
 from .errors import BadRecordError, DuplicateKeyError, NotSerializableError
 from .receipt import Receipt
@@ -141,6 +141,8 @@ class KeyIndex:
         with self._stripe(stripe):
             self._resolve(stripe, wal, window)
             found = self._lookup(key, now - window)
+            if found is not None and not _in_log(wal, key, found[1].lsn):
+                found = None  # its record is gone from the log (a lost tail): send again
             if found is not None:
                 first_digest, receipt = found
                 if first_digest != wanted:
@@ -303,6 +305,30 @@ class KeyIndex:
         with self._db_lock:
             row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return None if row is None else str(row[0])
+
+
+def _in_log(wal: Wal, key: str, lsn: int) -> bool:
+    """Whether the record a row names is still what the log holds at its LSN, or was
+    pruned (confirmed). Not so when the log lost its end (``walstore repair`` accepted
+    a lost tail, or an older copy was restored): the LSN is past the end, or a new record
+    took it. Read on a key's hit only: a retry, not every send."""
+    if lsn < wal.first_lsn():
+        return True  # pruned: its tasks were confirmed
+    if lsn >= wal.high_water_mark():
+        return lsn < wal.next_lsn()  # appended, not yet durable: only by a live sender
+    reader = wal.reader(lsn)
+    try:
+        records = reader.read(1)
+    except (WalError, OSError):
+        return True  # unreadable here: the pump reports it; keep the row's answer
+    finally:
+        reader.close()
+    if not records or records[0][0] != lsn:
+        return False
+    try:
+        return decode(records[0][1]).key == key
+    except (BadRecordError, NotSerializableError):
+        return False
 
 
 def _hash(key: str) -> bytes:

@@ -216,17 +216,23 @@ class Pump:
         wall_now = self.wall()
         return {t.target: decide(t, self.policy, wall_now) for t in entry.tasks}
 
+    def _offset(self) -> float:
+        """Pump clock minus wall clock, read together: an eta (wall time) plus this is
+        when it is due on the pump's clock. Not from the step's ``now``: the time spent
+        since then would make a countdown due that much early."""
+        return self.clock() - self.wall()
+
     def _place(self, lsn: int, identity: int, entry: Entry, payload: bytes,
                plan: dict[str, Decision], now: float, out: list[Send]) -> None:  # fmt: skip
         """Park a record whose every task waits for its eta; else into the window."""
         if all(d.kind == HOLD for d in plan.values()):
-            due = now + max(0.0, min(d.eta for d in plan.values()) - self.wall())
+            due = max(now, min(d.eta for d in plan.values()) + self._offset())
             self._park(lsn, identity, payload, entry, now, due)
             return
         flight = InFlight(lsn, identity, entry, now, {})
         self.inflight[identity] = flight
         inherited = lsn < self._startup_hwm
-        wall_now = self.wall()
+        offset = self._offset()
         for spec in entry.tasks:
             d = plan[spec.target]
             target = TargetState(spec, (spec.queue, d.options.priority or 0), d.options,
@@ -237,7 +243,7 @@ class Pump:
             elif d.kind == EXPIRED:
                 self.stats.expired += 1
             elif d.kind == HOLD:
-                target.hold_until = now + max(0.0, d.eta - wall_now)
+                target.hold_until = max(now, d.eta + offset)
                 flight.targets[spec.target] = target
                 self.timers.push(target.hold_until, identity, target)
             else:

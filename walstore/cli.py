@@ -88,6 +88,11 @@ def _repair(args: argparse.Namespace) -> int:
         print(f"cut {report.cut_bytes} bytes of torn tail")
     for start, end in report.lost:
         print(f"LOST: LSN {start}..{end - 1} ({end - start} records) could not be recovered")
+    if report.lost_tail is not None:
+        print(
+            f"LOST: LSN {report.lost_tail} and after: the newest segment(s) are missing and "
+            "how many records they held is unknown; new records will take these LSNs again"
+        )
     return 0
 
 

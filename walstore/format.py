@@ -4,6 +4,7 @@ Directory layout (``WAL_DIR``, created 0700; every file 0600)::
 
     META                      JSON {"format": 1, "wal_id": "<uuid4 hex>"}; written once
     CHECKPOINT                the persisted low water mark (see below)
+    HEAD                      the first LSN of the newest segment ever started (see below)
     00000000000000000000.seg  segments, named by their first LSN: 20 digits, zero padded,
     00000000000000262144.seg  so that names sort in LSN order
     LOCK                      flock(2), taken with the directory's own flock (the attach
@@ -53,6 +54,14 @@ refuses with the segment, offset and reason, and ``walstore repair`` is the way 
 
 CHECKPOINT (16 bytes): ``<QI4x``: low water mark, then CRC32C of those 8 bytes. It is
 replaced atomically (write temp, fsync, rename, fsync directory).
+
+HEAD (16 bytes, as CHECKPOINT): the first LSN of the newest segment, written (atomically,
+as CHECKPOINT) once that segment is durable: when the log is created and at each
+roll-over. A newest segment on disk older than HEAD means segments at the end were lost
+(deleted, or left out of a restore of the segment files): open, status and verify refuse,
+where the log would otherwise look whole and shorter. A HEAD behind the newest segment
+(a crash between the two writes, or a log of an older release without one) is brought
+forward by the next recovery.
 """
 
 from __future__ import annotations

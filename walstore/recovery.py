@@ -29,6 +29,7 @@ from .shm import INTENT_NONE, WriteState
 
 META = "META"
 CHECKPOINT = "CHECKPOINT"
+HEAD = "HEAD"
 TORN_DIR = "torn"
 
 
@@ -63,6 +64,37 @@ def write_checkpoint(fs: OsFs, directory: str, lsn: int) -> None:
     fs.write_file_atomic(directory, CHECKPOINT, pack_checkpoint(lsn))
 
 
+def read_head(fs: OsFs, directory: str) -> int | None:
+    """HEAD: the first LSN of the newest segment ever started (None: not recorded)."""
+    path = os.path.join(directory, HEAD)
+    if not fs.exists(path):
+        return None
+    try:
+        return unpack_checkpoint(fs.read_file(path))
+    except ValueError as exc:
+        raise CorruptLogError(HEAD, 0, str(exc).replace("checkpoint", "HEAD")) from None
+
+
+def write_head(fs: OsFs, directory: str, first: int) -> None:
+    """Record ``first`` as the newest segment's first LSN (that segment is durable)."""
+    fs.write_file_atomic(directory, HEAD, pack_checkpoint(first))
+
+
+def check_head(fs: OsFs, directory: str, firsts: list[int]) -> int | None:
+    """Raise CorruptLogError if segments at the end of the log are missing: the newest
+    on disk is older than the newest ever started. Returns HEAD."""
+    head = read_head(fs, directory)
+    newest = firsts[-1] if firsts else None
+    if head is not None and (newest is None or newest < head):
+        where = "no segment is left" if newest is None else f"the newest on disk starts at {newest}"
+        raise CorruptLogError(
+            segment_name(head), 0,
+            f"missing: the log's newest segment started at LSN {head} (HEAD), {where}; "
+            "records at the end of the log were lost; walstore repair accepts the loss",
+        )  # fmt: skip
+    return head
+
+
 def remove_temp_files(fs: OsFs, directory: str) -> None:
     leftovers = [n for n in fs.listdir(directory) if n.endswith(".tmp")]
     for name in leftovers:
@@ -81,6 +113,7 @@ class Survey(NamedTuple):
     tail: ScanResult  # the newest segment's records (next_lsn: after any torn tail)
     torn: Damage | None  # a torn tail open cuts; None if the newest segment ends cleanly
     sealed_bytes: int  # bytes in every segment but the newest
+    head: int | None  # HEAD (None: not recorded)
 
 
 TailCheck = Callable[[OsFs, str, int, int], tuple[ScanResult, Damage | None]]
@@ -104,6 +137,7 @@ def survey(fs: OsFs, directory: str, tail_check: TailCheck = read_tail) -> Surve
     firsts = list_segments(fs, directory)
     wal_id = load_meta(fs, directory, create=False)
     lwm = read_checkpoint(fs, directory)
+    head = check_head(fs, directory, firsts)
     if not firsts:
         raise CorruptLogError(META, 0, "no segment: is this a walstore directory?")
     headers = check_chain(fs, directory, firsts, wal_id)
@@ -121,7 +155,7 @@ def survey(fs: OsFs, directory: str, tail_check: TailCheck = read_tail) -> Surve
             f"log ends at LSN {tail.next_lsn}, below the low water mark {lwm}",
         )
     sealed = sum(fs.size(segment_path(directory, f)) for f in firsts[:-1])
-    return Survey(wal_id, firsts, lwm, salt, tail, damage, sealed)
+    return Survey(wal_id, firsts, lwm, salt, tail, damage, sealed, head)
 
 
 def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes, int]:
@@ -134,12 +168,16 @@ def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes,
         lwm = read_checkpoint(fs, directory)
         if lwm:
             raise CorruptLogError(CHECKPOINT, 0, f"low water mark {lwm} but no segment exists")
+        check_head(fs, directory, [])  # every segment deleted: not a new log
         fd, salt = create_segment(
             fs, directory, 0, NO_PREVIOUS, wal_id, opts.segment_bytes, opts.preallocate
         )
         fs.close(fd)
+        write_head(fs, directory, 0)
         return WriteState(0, salt, INTENT_NONE, SEGMENT_HEADER_SIZE, 0, 0, 0), wal_id, 0
     found = survey(fs, directory, cut_tail)
+    if found.head is None or found.head < found.firsts[-1]:
+        write_head(fs, directory, found.firsts[-1])  # a crash mid-roll, or an older release
     # The crashed process may have renamed or unlinked files (a new segment, CHECKPOINT,
     # a prune) and died before its directory fsync: make the directory as we found it
     # durable before anything in it counts as below the high water mark.

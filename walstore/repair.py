@@ -32,11 +32,14 @@ from .format import (
 )
 from .fs import OsFs, check_private_dir
 from .recovery import (
+    HEAD,
     META,
     load_meta,
     read_checkpoint,
+    read_head,
     remove_temp_files,
     write_checkpoint,
+    write_head,
 )
 from .scan import check_record, find_valid_after, last_nonzero_end
 from .segments import list_segments, segment_path
@@ -51,6 +54,7 @@ class RepairReport:
     backup_dir: str | None = None
     meta_rebuilt: str | None = None  # the WAL id META was rebuilt with (from the headers)
     lwm_lowered: tuple[int, int] | None = None  # (from, to): entries to be delivered again
+    lost_tail: int | None = None  # segments at the end were missing: LSNs from here on lost
 
     @property
     def changed(self) -> bool:
@@ -127,7 +131,29 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
         prev = item.first
     fs.fsync_dir(directory)
     _repair_checkpoint(fs, directory, firsts[0] if firsts else 0, expected, report)
+    _repair_head(fs, directory, firsts, expected, report)
     return report
+
+
+def _repair_head(
+    fs: OsFs, directory: str, firsts: list[int], end: int, report: RepairReport
+) -> None:
+    """HEAD names a newer segment than any on disk: the end of the log is gone (how many
+    records it held is unknown). Accept the loss, say so, and point HEAD at what is left."""
+    try:
+        head = read_head(fs, directory)
+    except CorruptLogError:
+        head = -1  # unreadable: rewritten below
+    if head is None or (firsts and head == firsts[-1]):
+        return
+    if head > (firsts[-1] if firsts else -1):
+        report.lost_tail = end
+    if firsts:
+        write_head(fs, directory, firsts[-1])
+    else:  # nothing left: the next open starts a new log in this directory
+        fs.unlink(os.path.join(directory, HEAD))
+        fs.fsync_dir(directory)
+    report.rewritten.append(HEAD)
 
 
 def _rebuild_meta(

@@ -11,6 +11,7 @@ no half batch mid-log) or finishes its roll-over (``writable_state``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -20,7 +21,7 @@ from .errors import LogFullError, LogPoisonedError, WalError
 from .format import SEGMENT_HEADER_SIZE
 from .fs import OsFs
 from .options import Options
-from .recovery import recover_tail
+from .recovery import recover_tail, write_head
 from .segments import create_segment, list_segments, read_header, segment_path
 from .shm import (
     INTENT_APPEND,
@@ -156,6 +157,11 @@ class SegmentWriter:
             st.sealed_bytes + st.offset, 0, st.last_batch,
         )  # fmt: skip
         self._shm.set_write(new)
+        # Before any record goes into it: from now on its loss is detected. A HEAD left
+        # behind (this write failed) only weakens that check until the next recovery,
+        # which brings HEAD forward; not worth failing the append for.
+        with contextlib.suppress(OSError):
+            write_head(self._fs, self._dir, st.next_lsn)
         # Every user of a segment descriptor holds the write lock (as we do): none is in
         # use by another thread of this process.
         self.forget_fds_below(st.next_lsn)

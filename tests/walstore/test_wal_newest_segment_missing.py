@@ -31,11 +31,6 @@ app = Celery("attack_seg", broker="memory://")
 def ship(tag: str) -> None: ...
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a deleted newest segment is not detected (a sealed segment is told from "
-    "a roll-over cut short only by its size today); open issue, see the README",
-)
 def test_a_deleted_newest_segment_is_reported_not_forgotten(tmp_path: Path) -> None:
     wal = tmp_path / "wal"
     relay = Relay(app, str(wal), settings=RelaySettings(wal_dir=str(wal)), wal_options=SMALL)

@@ -333,25 +333,51 @@ class KombuPublisher:
         """``_put``, or, for a message that cannot be encoded (a lone surrogate), its
         refusal by position: the others of the batch are published all the same."""
         try:
-            check_encodable(msg)
+            ready = self._prepare(msg)
         except (UnicodeError, ValueError, TypeError, RecursionError) as exc:
             self._refused[i] = f"cannot encode the message: {exc!r}"
             return None
-        return self._put(producer, msg, mandatory=mandatory)
+        return self._send(producer, msg, ready, mandatory=mandatory)
 
     def _put(
         self, producer: Producer, msg: TaskMessage, *, mandatory: bool = False, event: bool = True
     ) -> Outgoing | None:
         """Publish one task message (and its task-sent event) on ``producer``."""
+        return self._send(producer, msg, self._prepare(msg), mandatory=mandatory, event=event)
+
+    def _prepare(self, msg: TaskMessage) -> tuple[bytes | None, Outgoing | dict[str, Any]]:
+        """The message encoded, once: (body bytes, Outgoing) with Celery's messages, or
+        (body bytes, headers) without an app. Raises (UnicodeEncodeError: a lone
+        surrogate, ...) if it cannot be encoded, before anything is published."""
         if self._messages is None:
             body, args_json, kwargs_json = task_body(msg)
+            return body, task_headers(msg, self.origin, args_json, kwargs_json)
+        out = self._messages.build(msg)
+        if msg.headers:
+            json.dumps(msg.headers, ensure_ascii=False).encode()
+        if out.payload is None:  # kombu serialises the body the signals saw: check it
+            check_encodable(msg)
+            return None, out
+        return out.payload.encode(), out
+
+    def _send(
+        self,
+        producer: Producer,
+        msg: TaskMessage,
+        ready: tuple[bytes | None, Outgoing | dict[str, Any]],
+        *,
+        mandatory: bool = False,
+        event: bool = True,
+    ) -> Outgoing | None:
+        body, made = ready
+        if not isinstance(made, Outgoing):
             producer.publish(
                 body,
                 routing_key=msg.routing_key or msg.queue,
                 exchange=msg.exchange,
                 content_type="application/json",
                 content_encoding="utf-8",
-                headers=task_headers(msg, self.origin, args_json, kwargs_json),
+                headers=made,
                 priority=msg.priority or 0,  # 0: the transport's default
                 delivery_mode=2,
                 correlation_id=msg.task_id,
@@ -359,9 +385,9 @@ class KombuPublisher:
                 mandatory=mandatory,
             )
             return None
-        out = self._messages.build(msg)
-        if out.payload is not None:  # already JSON: kombu only encodes it
-            producer.publish(out.payload, routing_key=msg.routing_key or msg.queue,
+        out = made
+        if body is not None:  # already JSON: kombu sends the bytes as they are
+            producer.publish(body, routing_key=msg.routing_key or msg.queue,
                              exchange=msg.exchange, headers=out.headers, delivery_mode=2,
                              mandatory=mandatory, content_type="application/json",
                              content_encoding="utf-8", priority=msg.priority or 0,
@@ -371,7 +397,7 @@ class KombuPublisher:
                              exchange=msg.exchange, serializer="json", headers=out.headers,
                              delivery_mode=2, mandatory=mandatory, priority=msg.priority or 0,
                              **out.properties)  # fmt: skip
-        if event:
+        if event and self._messages is not None:
             self._messages.send_event(out, producer)
         return out
 

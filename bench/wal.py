@@ -12,8 +12,11 @@ Rows (256-byte records; every append durable before the next one starts):
   for one writer.
 - raw-16: sixteen such processes, each on its own file (total appends/s).
 - walstore-1 / walstore-16: producers appending to one WAL (fsync policy always).
-- sqlite-16: sixteen processes inserting one row per commit into one SQLite database
-  (WAL mode, synchronous=FULL).
+- sqlite-1 / sqlite-16: one and sixteen processes inserting one row per commit into one
+  SQLite database (WAL mode, synchronous=FULL).
+- purchase-16: sixteen processes calling the example's producer API, ``record_purchase``
+  (``relay.send`` of the warehouse and finance tasks with the purchase id as idempotency
+  key), on one WAL: what a web app gets, against walstore-16's raw ``Wal.append``.
 - cpu/append: every producer's user+sys time over the appends (walstore-16 is the goal).
 - open: ``Wal.open`` of a log of ``--records`` records (recovery: headers and the newest
   segment only), in a fresh process.
@@ -50,6 +53,7 @@ GOALS = (  # (name, ratio of, to, minimum) - or a maximum for cpu and open
     ("walstore-16 / raw-16", "walstore-16", "raw-16", 2.0),
     ("walstore-16 / sqlite-16", "walstore-16", "sqlite-16", 4.0),
     ("walstore-1 / raw-1", "walstore-1", "raw-1", 0.9),
+    ("purchase-16 / walstore-16", "purchase-16", "walstore-16", 0.8),
 )
 CPU_GOAL_US = 60.0
 OPEN_GOAL_S = 0.5
@@ -95,6 +99,24 @@ def _wal_producer(directory: str, proc: int, start: float, stop: float, out: Any
         n += 1
     out.put((n, _cpu() - cpu))
     wal.close()
+
+
+def _purchase(proc: int, n: int) -> dict[str, Any]:
+    return {"purchase_id": f"b{proc}-{n}", "customer": "bench", "currency": "EUR",
+            "items": [{"sku": "sku-1", "qty": 1}], "total_cents": n + 2}  # fmt: skip
+
+
+def _purchase_producer(directory: str, proc: int, start: float, stop: float, out: Any) -> None:
+    from tasks.checkout import record_purchase  # the app was made by the parent
+
+    record_purchase(_purchase(proc, -1))  # opens the log and the key index off the clock
+    n = 0
+    _wait(start)
+    cpu = _cpu()
+    while time.time() < stop:
+        record_purchase(_purchase(proc, n))
+        n += 1
+    out.put((n, _cpu() - cpu))
 
 
 def _sqlite_producer(path: str, proc: int, start: float, stop: float, out: Any) -> None:
@@ -143,10 +165,19 @@ def _case(name: str, root: str, seconds: float) -> dict[str, float]:
                 os.fsync(fd)
                 os.close(fd)
             return _producers(_raw_writer, paths, seconds)
-        if kind == "walstore":
+        if kind in ("walstore", "purchase"):
             wal_dir = os.path.join(where, "wal")
             Wal.open(wal_dir).close()  # the first (preallocated) segment exists up front
-            return _producers(_wal_producer, [wal_dir] * n, seconds)
+            if kind == "walstore":
+                return _producers(_wal_producer, [wal_dir] * n, seconds)
+            # The example app reads WAL_DIR when it first sends (in each child); Celery and
+            # the app are imported once here, not by sixteen children at the barrier.
+            os.environ["WAL_DIR"] = wal_dir
+            from tasks.app import get_app
+
+            get_app()  # its relay opens the log and the key index in each child, by pid
+
+            return _producers(_purchase_producer, [wal_dir] * n, seconds)
         db_path = os.path.join(where, "log.db")
         db = sqlite3.connect(db_path)
         db.execute("PRAGMA journal_mode=WAL")
@@ -157,7 +188,7 @@ def _case(name: str, root: str, seconds: float) -> dict[str, float]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-CASES = ("raw-1", "walstore-1", "raw-16", "walstore-16", "sqlite-16")
+CASES = ("raw-1", "walstore-1", "sqlite-1", "raw-16", "walstore-16", "sqlite-16", "purchase-16")
 
 
 # ----------------------------------------------------------------- reading

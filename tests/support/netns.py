@@ -12,6 +12,7 @@ Names carry a random tag, so that parallel runs never meet; ``close`` deletes wh
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ def ip(*args: str) -> None:
 
 
 def probe() -> str | None:
-    """None if namespaces can be made here, else why not."""
+    """None if namespaces can be made here, else why not. ``WALTEST_NO_NETNS=1`` says
+    not, to run the fallback (hosts as process groups) where namespaces would work."""
+    if os.environ.get("WALTEST_NO_NETNS"):
+        return "WALTEST_NO_NETNS is set"
     name = f"wtprobe{secrets.token_hex(3)}"
     try:
         ip("netns", "add", name)

@@ -241,6 +241,7 @@ class KeyIndex:
     def _recover(self, wal: Wal) -> None:
         """At open: after a reboot (or on a new index) index every keyed record still in
         the log; else resolve the slots of senders that died."""
+        self._forget_lost(wal)
         booted = boot_id()
         if self._meta("boot_id") != booted:
             fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)  # every stripe: no send runs
@@ -258,6 +259,28 @@ class KeyIndex:
             if any(raw[stripe * _SLOT.size : (stripe + 1) * _SLOT.size]):
                 with self._stripe(stripe):
                     self._resolve(stripe, wal, None)
+
+    def _forget_lost(self, wal: Wal) -> None:
+        """After ``walstore repair`` accepted a lost end of the log: rows naming LSNs from
+        there on name lost records (or, later, the new records that took their LSNs):
+        drop them, then index what was appended since."""
+        tails = wal.lost_tails()
+        seen = int(self._meta("lost_tails_seen") or 0)
+        if len(tails) <= seen:
+            return
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)  # every stripe: no send runs
+        try:
+            seen = int(self._meta("lost_tails_seen") or 0)
+            if len(tails) <= seen:
+                return
+            with self._writing():
+                for lsn in tails[seen:]:
+                    self._db.execute("DELETE FROM keys WHERE lsn >= ?", (lsn,))
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('lost_tails_seen', ?)",
+                                 (str(len(tails)),))  # fmt: skip
+            self._index_log(wal, min(tails[seen:]), None, None)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, _WRITER, 0)
 
     def _index_log(
         self, wal: Wal, scan_from: int, window: float | None, key_hash: bytes | None

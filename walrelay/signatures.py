@@ -83,6 +83,13 @@ def task_spec(app: Celery, target: str, sig: Any, now: float) -> TaskSpec:
         raise UnsupportedOptionError(f"{where}: queue: {exc}") from None
     _check_keys(routed, where, "the route of")
     queue, exchange, routing_key = _destination(app, routed, where)
+    for part, value in (("queue", queue), ("exchange", exchange), ("routing_key", routing_key)):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise UnsupportedOptionError(
+                f"{where}: {part} {value!r} holds a lone UTF-16 surrogate: no broker can be told it"
+            ) from None
     carried = _carried(app, routed, now, where)
     carried.update(exchange=exchange, routing_key=routing_key)
     return TaskSpec(target, name, queue, args, kwargs, carried)

@@ -25,7 +25,7 @@ from .errors import (
 from .fs import OsFs, prepare_log_dir
 from .options import Options, SyncPolicy
 from .reader import Reader
-from .recovery import load_meta, read_checkpoint, recover, write_checkpoint
+from .recovery import load_meta, lost_tails, read_checkpoint, recover, write_checkpoint
 from .scan import Record
 from .segments import list_segments, read_header
 from .shm import WriteState
@@ -160,6 +160,13 @@ class Wal:
             yield from reader.batches()
         finally:
             reader.close()
+
+    def lost_tails(self) -> list[int]:
+        """LSNs from which ``walstore repair`` accepted a lost end of the log (its newest
+        segments were missing), oldest first: LSNs from each were handed out again after
+        it, so whatever named a record by such an LSN before the loss is stale."""
+        self._check_open()
+        return lost_tails(self._fs, self._dir)
 
     def first_lsn(self) -> int:
         """The first LSN still on disk (the first segment's)."""

@@ -30,19 +30,34 @@ from .shm import INTENT_NONE, WriteState
 META = "META"
 CHECKPOINT = "CHECKPOINT"
 HEAD = "HEAD"
+LOSSES = "LOSSES"
 TORN_DIR = "torn"
+
+
+def read_small(fs: OsFs, directory: str, name: str) -> bytes | None:
+    """One of the log's small files (META, CHECKPOINT, HEAD): None if absent; a file that
+    cannot be read (a directory in its place, no permission, an I/O error) is damage to
+    that file, named as such, like one whose bytes do not check."""
+    path = os.path.join(directory, name)
+    if not fs.exists(path) and not os.path.islink(path):
+        return None
+    try:
+        return fs.read_file(path)
+    except OSError as exc:
+        raise CorruptLogError(name, 0, f"{name} cannot be read: {exc.strerror or exc}") from None
 
 
 def load_meta(fs: OsFs, directory: str, create: bool) -> bytes:
     """The log's 16-byte id, from META (written once, atomically, when absent)."""
-    path = os.path.join(directory, META)
-    if not fs.exists(path):
+    raw = read_small(fs, directory, META)
+    if raw is None:
         if not create:
             raise CorruptLogError(META, 0, "META is missing: is this a walstore directory?")
         meta = {"format": FORMAT_VERSION, "wal_id": uuid.uuid4().hex}
-        fs.write_file_atomic(directory, META, json.dumps(meta).encode())
+        raw = json.dumps(meta).encode()
+        fs.write_file_atomic(directory, META, raw)
     try:
-        meta = json.loads(fs.read_file(path).decode("utf-8"))
+        meta = json.loads(raw.decode("utf-8"))
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported format {meta.get('format')!r}")
         return uuid.UUID(hex=meta["wal_id"]).bytes
@@ -51,11 +66,11 @@ def load_meta(fs: OsFs, directory: str, create: bool) -> bytes:
 
 
 def read_checkpoint(fs: OsFs, directory: str) -> int:
-    path = os.path.join(directory, CHECKPOINT)
-    if not fs.exists(path):
+    raw = read_small(fs, directory, CHECKPOINT)
+    if raw is None:
         return 0
     try:
-        return unpack_checkpoint(fs.read_file(path))
+        return unpack_checkpoint(raw)
     except ValueError as exc:
         raise CorruptLogError(CHECKPOINT, 0, str(exc)) from None
 
@@ -66,11 +81,11 @@ def write_checkpoint(fs: OsFs, directory: str, lsn: int) -> None:
 
 def read_head(fs: OsFs, directory: str) -> int | None:
     """HEAD: the first LSN of the newest segment ever started (None: not recorded)."""
-    path = os.path.join(directory, HEAD)
-    if not fs.exists(path):
+    raw = read_small(fs, directory, HEAD)
+    if raw is None:
         return None
     try:
-        return unpack_checkpoint(fs.read_file(path))
+        return unpack_checkpoint(raw)
     except ValueError as exc:
         raise CorruptLogError(HEAD, 0, str(exc).replace("checkpoint", "HEAD")) from None
 
@@ -78,6 +93,21 @@ def read_head(fs: OsFs, directory: str) -> int | None:
 def write_head(fs: OsFs, directory: str, first: int) -> None:
     """Record ``first`` as the newest segment's first LSN (that segment is durable)."""
     fs.write_file_atomic(directory, HEAD, pack_checkpoint(first))
+
+
+def lost_tails(fs: OsFs, directory: str) -> list[int]:
+    """LOSSES: the LSNs from which ``walstore repair`` accepted a lost end of the log,
+    oldest first; LSNs from each were handed out again after it."""
+    raw = read_small(fs, directory, LOSSES)
+    if raw is None:
+        return []
+    try:
+        found = json.loads(raw.decode("utf-8"))["lost_tails"]
+        if not isinstance(found, list) or not all(isinstance(n, int) for n in found):
+            raise TypeError("not a list of LSNs")
+        return [int(n) for n in found]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptLogError(LOSSES, 0, f"unreadable LOSSES: {exc}") from None
 
 
 def check_head(fs: OsFs, directory: str, firsts: list[int]) -> int | None:
@@ -165,10 +195,10 @@ def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes,
         # Only a new log gets an id: segments without META mean damage, and a fresh id
         # would make every one of them fail validation for good.
         wal_id = load_meta(fs, directory, create=True)
+        check_head(fs, directory, [])  # every segment deleted: not a new log
         lwm = read_checkpoint(fs, directory)
         if lwm:
             raise CorruptLogError(CHECKPOINT, 0, f"low water mark {lwm} but no segment exists")
-        check_head(fs, directory, [])  # every segment deleted: not a new log
         fd, salt = create_segment(
             fs, directory, 0, NO_PREVIOUS, wal_id, opts.segment_bytes, opts.preallocate
         )

@@ -32,9 +32,12 @@ from .format import (
 )
 from .fs import OsFs, check_private_dir
 from .recovery import (
+    CHECKPOINT,
     HEAD,
+    LOSSES,
     META,
     load_meta,
+    lost_tails,
     read_checkpoint,
     read_head,
     remove_temp_files,
@@ -123,6 +126,7 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
         salvage = _salvage(fs, directory, first, nxt, wal_id, report)
         plan.append(salvage)
         expected = salvage.end_lsn
+    expected = _lost_tail(fs, directory, firsts, expected, plan, report)
     prev = NO_PREVIOUS
     for item in plan:
         needs = item.damaged or _prev_of(fs, directory, item.first) != prev
@@ -130,30 +134,83 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
             _rewrite(fs, directory, item, prev, wal_id, report)
         prev = item.first
     fs.fsync_dir(directory)
-    _repair_checkpoint(fs, directory, firsts[0] if firsts else 0, expected, report)
-    _repair_head(fs, directory, firsts, expected, report)
+    first = plan[0].first if plan else 0
+    _repair_checkpoint(fs, directory, first, expected, report)
+    _repair_head(fs, directory, plan[-1].first if plan else None, report)
+    if report.lost_tail is not None:
+        _record_loss(fs, directory, report.lost_tail, report)
     return report
 
 
-def _repair_head(
-    fs: OsFs, directory: str, firsts: list[int], end: int, report: RepairReport
-) -> None:
-    """HEAD names a newer segment than any on disk: the end of the log is gone (how many
-    records it held is unknown). Accept the loss, say so, and point HEAD at what is left."""
+def _lost_tail(
+    fs: OsFs,
+    directory: str,
+    firsts: list[int],
+    end: int,
+    plan: list[_Salvage],
+    report: RepairReport,
+) -> int:
+    """HEAD names a newer segment than any on disk: the end of the log is gone, and how
+    many records it held is unknown. LSNs known to have been used (up to HEAD's, and below
+    the low water mark: confirmed) become lost placeholders after what is left, or the
+    start of a new first segment if nothing is left, so that no confirmed LSN is handed
+    out again. Returns the new end of the log; the LSNs from there on may be reused."""
+    try:
+        head = read_head(fs, directory)
+    except CorruptLogError:
+        return end  # unreadable: nothing to go by (rewritten by _repair_head)
+    if head is None or (firsts and head <= firsts[-1]):
+        return end
+    try:
+        lwm = read_checkpoint(fs, directory)
+    except CorruptLogError:
+        lwm = 0
+    stop = max(head, lwm, end)
+    if not firsts:
+        plan.append(_Salvage(stop, [], stop, True))  # a new, empty first segment
+    elif stop > end:
+        plan.append(_Salvage(end, _lost(end, stop), stop, True))
+        report.lost.append((end, stop))
+    report.lost_tail = stop
+    return stop
+
+
+def _record_loss(fs: OsFs, directory: str, lsn: int, report: RepairReport) -> None:
+    """Add ``lsn`` to LOSSES: from there on, LSNs handed out before the loss are handed
+    out again (walrelay's key index drops what it knew of them)."""
+    losses = lost_tails(fs, directory)
+    _clear_way(fs, directory, LOSSES, report)
+    fs.write_file_atomic(directory, LOSSES, json.dumps({"lost_tails": [*losses, lsn]}).encode())
+    report.rewritten.append(LOSSES)
+
+
+def _repair_head(fs: OsFs, directory: str, newest: int | None, report: RepairReport) -> None:
+    """Point HEAD at the newest segment the repaired log has (none: no HEAD)."""
     try:
         head = read_head(fs, directory)
     except CorruptLogError:
         head = -1  # unreadable: rewritten below
-    if head is None or (firsts and head == firsts[-1]):
+    if head == newest:
         return
-    if head > (firsts[-1] if firsts else -1):
-        report.lost_tail = end
-    if firsts:
-        write_head(fs, directory, firsts[-1])
-    else:  # nothing left: the next open starts a new log in this directory
+    _clear_way(fs, directory, HEAD, report)
+    if newest is not None:
+        write_head(fs, directory, newest)
+    elif os.path.lexists(os.path.join(directory, HEAD)):
         fs.unlink(os.path.join(directory, HEAD))
         fs.fsync_dir(directory)
     report.rewritten.append(HEAD)
+
+
+def _clear_way(fs: OsFs, directory: str, name: str, report: RepairReport) -> None:
+    """Move whatever stands where ``name`` is to be written and is not a plain file (a
+    directory, a link) into this repair's backup directory: a rename cannot replace it."""
+    path = os.path.join(directory, name)
+    if not os.path.lexists(path) or (os.path.isfile(path) and not os.path.islink(path)):
+        return
+    if report.backup_dir is None:
+        report.backup_dir = _new_backup_dir(directory)
+    os.rename(path, os.path.join(report.backup_dir, name))
+    fs.fsync_dir(directory)
 
 
 def _rebuild_meta(
@@ -180,6 +237,7 @@ def _rebuild_meta(
         raise CorruptLogError(META, 0, f"{problem}, and no segment header names the log's id")
     wal_id = ids.pop()
     meta = {"format": FORMAT_VERSION, "wal_id": wal_id.hex()}
+    _clear_way(fs, directory, META, report)
     fs.write_file_atomic(directory, META, json.dumps(meta).encode())
     report.rewritten.append(META)
     report.meta_rebuilt = wal_id.hex()
@@ -202,6 +260,7 @@ def _repair_checkpoint(
         lwm = read_checkpoint(fs, directory)
     except CorruptLogError:
         lwm = first  # unreadable: re-deliver everything still on disk (idempotent)
+        _clear_way(fs, directory, CHECKPOINT, report)
         write_checkpoint(fs, directory, lwm)
         report.rewritten.append("CHECKPOINT")
         return

@@ -321,6 +321,25 @@ def test_a_message_that_cannot_be_encoded_is_refused_the_others_published(
     assert harness.publisher.session() == session  # not a broker outage
 
 
+@pytest.mark.parametrize("where", ["queue", "routing_key", "exchange"])
+def test_a_destination_that_cannot_be_encoded_is_refused_the_others_published(
+    harness: Harness, where: str
+) -> None:
+    """A queue, routing key or exchange name with a lone surrogate (a record of an older
+    release, or appended without send's checks) is that message's refusal, by position,
+    never a failure of the whole batch retried for ever."""
+    odd: dict[str, Any] = {"queue": "warehouse", where: "w\ud800"}
+    bad = TaskMessage(f"{WAL_ID}-2-warehouse", "tasks.warehouse.run", args=[], kwargs={}, **odd)
+    harness.publisher.session()
+    with pytest.raises(MessageRejectedError) as caught:
+        harness.publisher.publish([msg(1, "warehouse"), bad, msg(3, "warehouse")])
+    assert list(caught.value.rejected) == [1]
+    assert "surrogate" in caught.value.rejected[1]
+    assert [f[0] for f in harness.fetch("warehouse", 2)] == [
+        msg(1, "warehouse").task_id, msg(3, "warehouse").task_id,
+    ]  # fmt: skip
+
+
 def test_a_queue_the_broker_refuses_is_not_an_outage(harness: Harness) -> None:
     """A queue named like a key that is not a list (kombu's ``unacked`` hash): the broker
     refuses those messages only; the connection, its session and the rest are fine."""

@@ -165,6 +165,11 @@ REFUSED: list[tuple[str, Any, type[RelayError], str]] = [
      "task 1"),
     ("header not JSON", lambda: [loose(reserve.s(ORDER)).set(headers={"custom": b"x"})],
      NotSerializableError, "headers"),
+    ("queue not text", lambda: [reserve.s(ORDER).set(queue="q\ud800")],
+     UnsupportedOptionError, "task 0 (shop.reserve): queue"),
+    ("topic routing key not text", lambda: [
+        audit.s(ORDER).set(exchange="shop.events", routing_key="audit.\ud800")],
+     UnsupportedOptionError, "routing_key"),
     ("no task", lambda: [], SendError, "at least one"),
     ("not a signature", lambda: [reserve], SendError, "not a task signature"),
 ]  # fmt: skip

@@ -114,3 +114,21 @@ def test_a_damaged_head_is_refused_and_repaired(tmp_path: Path) -> None:
     assert result.returncode == 0 and "HEAD" in result.stdout, result.stdout
     with Wal.open(tmp_path, OPTS) as wal:
         assert wal.next_lsn() == 50
+
+
+@pytest.mark.parametrize("name", ["META", "CHECKPOINT", HEAD])
+def test_a_small_file_replaced_by_a_directory_is_named_and_repaired(
+    tmp_path: Path, name: str
+) -> None:
+    make_log(tmp_path, 50)
+    (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / name).mkdir(mode=0o700)
+    with pytest.raises(CorruptLogError) as info:
+        Wal.open(tmp_path, OPTS)
+    assert info.value.segment == name
+    assert cli("verify", str(tmp_path)).returncode == 1
+    result = cli("repair", str(tmp_path))
+    assert result.returncode == 0 and name in result.stdout, result.stdout + result.stderr
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert wal.next_lsn() == 50
+    assert (tmp_path / name).is_file()

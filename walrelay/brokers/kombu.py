@@ -89,6 +89,14 @@ def task_headers(msg: TaskMessage, origin: str, args_json: str, kwargs_json: str
     return {**msg.headers, **protocol} if msg.headers else protocol
 
 
+def _encodable(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeError:
+        return False
+    return True
+
+
 def task_body(msg: TaskMessage) -> tuple[bytes, str, str]:
     """(body, args JSON, kwargs JSON): the body is ``[args, kwargs, embed]`` in UTF-8.
     Raises (UnicodeEncodeError: a lone surrogate) if the message cannot be encoded."""
@@ -271,7 +279,9 @@ class KombuPublisher:
         assert self._conn is not None and self._producer is not None
         self._refused = {}
         try:
-            self._declare({msg.queue for msg in messages})
+            # A name that cannot be encoded is that message's refusal (``_prepare``),
+            # not a failed declare that would fail the whole batch.
+            self._declare({msg.queue for msg in messages if _encodable(msg.queue)})
             if self._confirms is not None:
                 self._publish_confirmed(messages)
             else:
@@ -349,6 +359,8 @@ class KombuPublisher:
         """The message encoded, once: (body bytes, Outgoing) with Celery's messages, or
         (body bytes, headers) without an app. Raises (UnicodeEncodeError: a lone
         surrogate, ...) if it cannot be encoded, before anything is published."""
+        for name in (msg.queue, msg.exchange, msg.routing_key):
+            name.encode()  # a destination the broker can be told (UnicodeEncodeError)
         if self._messages is None:
             body, args_json, kwargs_json = task_body(msg)
             return body, task_headers(msg, self.origin, args_json, kwargs_json)

@@ -17,6 +17,8 @@ def encoding_error(msg: TaskMessage) -> str | None:
     """Why ``msg`` cannot be sent as UTF-8 JSON (a lone surrogate), as kombu would fail."""
     try:
         json.dumps([msg.args, msg.kwargs, msg.headers], ensure_ascii=False).encode()
+        for name in (msg.queue, msg.exchange, msg.routing_key):
+            name.encode()  # a destination the broker can be told
     except (UnicodeError, TypeError, ValueError) as exc:
         return f"cannot encode: {exc!r}"
     return None

@@ -4,10 +4,10 @@ restore).
 
 README, "On a damaged log", row "the newest segment(s) missing": open refuses with
 "missing: the log's newest segment started at LSN n (HEAD)" and `walstore repair`
-"accepts the loss: prints `LOST: LSN n and after` ... new records take those LSNs
-again, and an idempotency key whose record was lost is sent anew". Only LSN n and after
-were lost: the records below n were confirmed and pruned. docs/api.md (key): a second
-send of a key with the same tasks "returns the first receipt and appends nothing".
+accepts the loss from the first LSN not known to be used or confirmed. Only LSNs at and
+above the low water mark were lost: the records below it were confirmed and pruned.
+docs/api.md (key): a second send of a key with the same tasks "returns the first
+receipt and appends nothing".
 
 Observed: repair prints `LOST: LSN 0 and after`, deletes HEAD, and the log starts again
 at LSN 0, so LSNs (and task ids ``<wal id>-<lsn>-<target>``) of records that were
@@ -83,9 +83,12 @@ def test_repair_reports_the_lost_lsns_and_keeps_confirmed_ones(tmp_path: Path) -
     lost = re.search(r"LOST: LSN (\d+) and after", out)
     with Wal.open(wal_dir, SMALL) as wal:
         restart = wal.next_lsn()
-    assert lost is not None and int(lost.group(1)) == head and restart >= head, (
+        lwm = wal.low_water_mark()
+    # Below the low water mark (60) every record was confirmed: from there on is lost,
+    # and the log goes on from there, never below a confirmed LSN.
+    assert lost is not None and int(lost.group(1)) == restart == lwm == 60 >= head, (
         f"HEAD said LSN {head}; repair said {out.strip()!r}; the log starts again at "
-        f"LSN {restart}, reusing LSNs of records that were confirmed, not lost"
+        f"LSN {restart} (low water mark {lwm}), reusing LSNs of records that were confirmed"
     )
 
 

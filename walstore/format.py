@@ -5,6 +5,8 @@ Directory layout (``WAL_DIR``, created 0700; every file 0600)::
     META                      JSON {"format": 1, "wal_id": "<uuid4 hex>"}; written once
     CHECKPOINT                the persisted low water mark (see below)
     HEAD                      the first LSN of the newest segment ever started (see below)
+    LOSSES                    JSON {"lost_tails": [lsn, ...]}: where ``walstore repair``
+                              accepted a lost end of the log (LSNs from each were reused)
     00000000000000000000.seg  segments, named by their first LSN: 20 digits, zero padded,
     00000000000000262144.seg  so that names sort in LSN order
     LOCK                      flock(2), taken with the directory's own flock (the attach

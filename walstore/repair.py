@@ -198,6 +198,8 @@ def _repair_head(fs: OsFs, directory: str, newest: int | None, report: RepairRep
     elif os.path.lexists(os.path.join(directory, HEAD)):
         fs.unlink(os.path.join(directory, HEAD))
         fs.fsync_dir(directory)
+    if newest is None or head is None or (head != -1 and head < newest):
+        return  # absent or behind: brought forward as recovery would, not damage
     report.rewritten.append(HEAD)
 
 

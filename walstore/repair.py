@@ -48,6 +48,10 @@ from .scan import check_record, find_valid_after, last_nonzero_end
 from .segments import list_segments, segment_path
 from .shm import SharedState
 
+# The most lost placeholders repair writes after what is left of a log whose end was lost
+# (20 bytes each: an 80 MiB segment); a HEAD or CHECKPOINT further ahead is not believed.
+MAX_PLACEHOLDERS = 1 << 22
+
 
 @dataclass
 class RepairReport:
@@ -166,6 +170,14 @@ def _lost_tail(
     except CorruptLogError:
         lwm = 0
     stop = max(head, lwm, end)
+    if firsts and stop - end > MAX_PLACEHOLDERS:
+        name, value = (HEAD, head) if head >= lwm else (CHECKPOINT, lwm)
+        raise CorruptLogError(
+            name, 0,
+            f"{name} says LSN {value}, {value - end} past the end of what is left ({end}): "
+            f"more than {MAX_PLACEHOLDERS} placeholders; if {name} is wrong, move it out of "
+            "the directory and repair again",
+        )  # fmt: skip
     if not firsts:
         plan.append(_Salvage(stop, [], stop, True))  # a new, empty first segment
     elif stop > end:

@@ -132,3 +132,28 @@ def test_a_small_file_replaced_by_a_directory_is_named_and_repaired(
     with Wal.open(tmp_path, OPTS) as wal:
         assert wal.next_lsn() == 50
     assert (tmp_path / name).is_file()
+
+
+def test_repair_of_a_log_without_head_finds_nothing_to_repair(tmp_path: Path) -> None:
+    """A log of an older release (no HEAD) is not damaged: repair says so, and leaves
+    HEAD written, as the next open would."""
+    make_log(tmp_path, 200)
+    (tmp_path / HEAD).unlink()
+    assert cli("repair", str(tmp_path)).stdout.strip() == "nothing to repair"
+    assert read_head_of(tmp_path) == int(segments(tmp_path)[-1].stem)
+
+
+def test_a_head_far_ahead_is_not_filled_with_placeholders(tmp_path: Path) -> None:
+    """A HEAD (valid checksum) a billion LSNs past the end: repair refuses to write that
+    many placeholders and says which file to doubt, instead of running out of memory."""
+    from walstore.fs import OsFs
+    from walstore.recovery import write_head
+
+    make_log(tmp_path, 200)
+    write_head(OsFs(), str(tmp_path), 10**9)
+    result = cli("repair", str(tmp_path))
+    assert result.returncode == 2 and "HEAD" in result.stderr, result.stdout + result.stderr
+    (tmp_path / HEAD).unlink()
+    assert cli("repair", str(tmp_path)).returncode == 0
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert wal.next_lsn() == 200

@@ -263,24 +263,30 @@ class KeyIndex:
     def _forget_lost(self, wal: Wal) -> None:
         """After ``walstore repair`` accepted a lost end of the log: rows naming LSNs from
         there on name lost records (or, later, the new records that took their LSNs):
-        drop them, then index what was appended since."""
+        drop them, then index what the log holds from there."""
         tails = wal.lost_tails()
-        seen = int(self._meta("lost_tails_seen") or 0)
-        if len(tails) <= seen:
+        if tails == self._seen_losses():
             return
         fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)  # every stripe: no send runs
         try:
-            seen = int(self._meta("lost_tails_seen") or 0)
-            if len(tails) <= seen:
+            seen = self._seen_losses()
+            if tails == seen:
                 return
+            common = 0  # entries both lists start with: already applied
+            while common < min(len(seen), len(tails)) and seen[common] == tails[common]:
+                common += 1
+            start = min(tails[common:])
             with self._writing():
-                for lsn in tails[seen:]:
-                    self._db.execute("DELETE FROM keys WHERE lsn >= ?", (lsn,))
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('lost_tails_seen', ?)",
-                                 (str(len(tails)),))  # fmt: skip
-            self._index_log(wal, min(tails[seen:]), None, None)
+                self._db.execute("DELETE FROM keys WHERE lsn >= ?", (start,))
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('lost_tails', ?)",
+                                 (json.dumps(tails),))  # fmt: skip
+            self._index_log(wal, start, None, None)
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, _WRITER, 0)
+
+    def _seen_losses(self) -> list[int]:
+        raw = self._meta("lost_tails")
+        return [] if raw is None else [int(n) for n in json.loads(raw)]
 
     def _index_log(
         self, wal: Wal, scan_from: int, window: float | None, key_hash: bytes | None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
@@ -84,6 +84,8 @@ def task_spec(app: Celery, target: str, sig: Any, now: float) -> TaskSpec:
     _check_keys(routed, where, "the route of")
     queue, exchange, routing_key = _destination(app, routed, where)
     for part, value in (("queue", queue), ("exchange", exchange), ("routing_key", routing_key)):
+        if not isinstance(value, str):
+            raise UnsupportedOptionError(f"{where}: {part}={value!r} is not a name")
         try:
             value.encode()
         except UnicodeEncodeError:
@@ -181,14 +183,14 @@ def _carried(app: Celery, routed: Mapping[str, Any], now: float, where: str) -> 
     if countdown is not None and eta is not None:
         raise UnsupportedOptionError(f"{where}: give countdown or eta, not both")
     if countdown is not None:
-        out["eta"] = now + _seconds(countdown, "countdown", where)
+        out["eta"] = _datable(now + _seconds(countdown, "countdown", where), "countdown", where)
     elif eta is not None:
-        out["eta"] = _instant(app, eta, "eta", where)
+        out["eta"] = _datable(_instant(app, eta, "eta", where), "eta", where)
     expires = routed.get("expires")
     if isinstance(expires, int | float) and not isinstance(expires, bool):
-        out["expires"] = now + _seconds(expires, "expires", where)
+        out["expires"] = _datable(now + _seconds(expires, "expires", where), "expires", where)
     elif expires is not None:
-        out["expires"] = _instant(app, expires, "expires", where)
+        out["expires"] = _datable(_instant(app, expires, "expires", where), "expires", where)
     priority = routed.get("priority")
     if priority is not None:
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -203,9 +205,26 @@ def _carried(app: Celery, routed: Mapping[str, Any], now: float, where: str) -> 
 
 
 def _seconds(value: Any, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, int | float)
+        ok = ok and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
         raise UnsupportedOptionError(f"{where}: {name}={value!r} is not a number of seconds")
     return float(value)
+
+
+def _datable(at: float, name: str, where: str) -> float:
+    """``at`` (unix time) if it is a date the pump and the workers can write (Celery's
+    headers carry ISO 8601), else UnsupportedOptionError."""
+    try:
+        datetime.fromtimestamp(at, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise UnsupportedOptionError(
+            f"{where}: {name} is past what a date can hold (year 9999)"
+        ) from None
+    return at
 
 
 def _instant(app: Celery, value: Any, name: str, where: str) -> float:

@@ -162,9 +162,10 @@ class Wal:
             reader.close()
 
     def lost_tails(self) -> list[int]:
-        """LSNs from which ``walstore repair`` accepted a lost end of the log (its newest
-        segments were missing), oldest first: LSNs from each were handed out again after
-        it, so whatever named a record by such an LSN before the loss is stale."""
+        """Where ``walstore repair`` accepted a lost end of the log (its newest segments
+        were missing), oldest first: the records from each LSN on were gone, and those
+        LSNs may have been handed out again since, so whatever named a record by such an
+        LSN before the repair is stale."""
         self._check_open()
         return lost_tails(self._fs, self._dir)
 

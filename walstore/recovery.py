@@ -96,8 +96,9 @@ def write_head(fs: OsFs, directory: str, first: int) -> None:
 
 
 def lost_tails(fs: OsFs, directory: str) -> list[int]:
-    """LOSSES: the LSNs from which ``walstore repair`` accepted a lost end of the log,
-    oldest first; LSNs from each were handed out again after it."""
+    """LOSSES: where ``walstore repair`` accepted a lost end of the log, oldest first: the
+    records from each LSN on were gone, and LSNs from there may have been handed out again
+    since."""
     raw = read_small(fs, directory, LOSSES)
     if raw is None:
         return []
@@ -168,6 +169,7 @@ def survey(fs: OsFs, directory: str, tail_check: TailCheck = read_tail) -> Surve
     wal_id = load_meta(fs, directory, create=False)
     lwm = read_checkpoint(fs, directory)
     head = check_head(fs, directory, firsts)
+    lost_tails(fs, directory)  # readable, or the log is refused naming it
     if not firsts:
         raise CorruptLogError(META, 0, "no segment: is this a walstore directory?")
     headers = check_chain(fs, directory, firsts, wal_id)

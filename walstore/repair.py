@@ -61,7 +61,8 @@ class RepairReport:
     backup_dir: str | None = None
     meta_rebuilt: str | None = None  # the WAL id META was rebuilt with (from the headers)
     lwm_lowered: tuple[int, int] | None = None  # (from, to): entries to be delivered again
-    lost_tail: int | None = None  # segments at the end were missing: LSNs from here on lost
+    lost_tail: int | None = None  # segments at the end were missing: LSNs from here reused
+    lost_from: int | None = None  # ...and the records from here on are gone (in LOSSES)
 
     @property
     def changed(self) -> bool:
@@ -130,7 +131,12 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
         salvage = _salvage(fs, directory, first, nxt, wal_id, report)
         plan.append(salvage)
         expected = salvage.end_lsn
+    _repair_losses(fs, directory, firsts, report)
     expected = _lost_tail(fs, directory, firsts, expected, plan, report)
+    if report.lost_from is not None:
+        # Before anything is rewritten: a repair stopped after this finds the loss again
+        # (HEAD still names the missing segment) and does not record it twice.
+        _record_loss(fs, directory, report.lost_from, report)
     prev = NO_PREVIOUS
     for item in plan:
         needs = item.damaged or _prev_of(fs, directory, item.first) != prev
@@ -141,9 +147,20 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
     first = plan[0].first if plan else 0
     _repair_checkpoint(fs, directory, first, expected, report)
     _repair_head(fs, directory, plan[-1].first if plan else None, report)
-    if report.lost_tail is not None:
-        _record_loss(fs, directory, report.lost_tail, report)
     return report
+
+
+def _repair_losses(fs: OsFs, directory: str, firsts: list[int], report: RepairReport) -> None:
+    """LOSSES unreadable: what it said is gone. Start it again from the first LSN on disk,
+    so that the key index drops (and re-reads from the log) every row naming a record
+    still on disk or later; rows of records pruned before it (confirmed) stay."""
+    try:
+        lost_tails(fs, directory)
+    except CorruptLogError:
+        _clear_way(fs, directory, LOSSES, report)
+        first = firsts[0] if firsts else 0
+        fs.write_file_atomic(directory, LOSSES, json.dumps({"lost_tails": [first]}).encode())
+        report.rewritten.append(LOSSES)
 
 
 def _lost_tail(
@@ -170,6 +187,8 @@ def _lost_tail(
     except CorruptLogError:
         lwm = 0
     stop = max(head, lwm, end)
+    # Records below the low water mark were confirmed; from here on they are gone.
+    report.lost_from = min(max(end, lwm), stop)
     if firsts and stop - end > MAX_PLACEHOLDERS:
         name, value = (HEAD, head) if head >= lwm else (CHECKPOINT, lwm)
         raise CorruptLogError(
@@ -188,9 +207,11 @@ def _lost_tail(
 
 
 def _record_loss(fs: OsFs, directory: str, lsn: int, report: RepairReport) -> None:
-    """Add ``lsn`` to LOSSES: from there on, LSNs handed out before the loss are handed
-    out again (walrelay's key index drops what it knew of them)."""
+    """Add ``lsn`` to LOSSES: the records from there on are gone, and their LSNs may be
+    handed out again (walrelay's key index drops what it knew of them)."""
     losses = lost_tails(fs, directory)
+    if losses and losses[-1] == lsn:
+        return  # recorded by a repair that stopped before it was done
     _clear_way(fs, directory, LOSSES, report)
     fs.write_file_atomic(directory, LOSSES, json.dumps({"lost_tails": [*losses, lsn]}).encode())
     report.rewritten.append(LOSSES)

@@ -157,3 +157,16 @@ def test_a_head_far_ahead_is_not_filled_with_placeholders(tmp_path: Path) -> Non
     assert cli("repair", str(tmp_path)).returncode == 0
     with Wal.open(tmp_path, OPTS) as wal:
         assert wal.next_lsn() == 200
+
+
+def test_a_damaged_losses_is_refused_naming_it(tmp_path: Path) -> None:
+    make_log(tmp_path, 50)
+    (tmp_path / "LOSSES").write_bytes(b"[1, 2")
+    with pytest.raises(CorruptLogError) as info:
+        Wal.open(tmp_path, OPTS)
+    assert info.value.segment == "LOSSES"
+    result = cli("status", str(tmp_path))
+    assert result.returncode == 2 and "LOSSES" in result.stderr
+    assert cli("repair", str(tmp_path)).returncode == 0
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert wal.lost_tails() == [0] and wal.next_lsn() == 50

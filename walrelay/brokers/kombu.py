@@ -344,7 +344,8 @@ class KombuPublisher:
         refusal by position: the others of the batch are published all the same."""
         try:
             ready = self._prepare(msg)
-        except (UnicodeError, ValueError, TypeError, RecursionError) as exc:
+        except (UnicodeError, ValueError, TypeError, RecursionError, OverflowError) as exc:
+            # (OverflowError: an expiry past year 9999 in a record of an older release.)
             self._refused[i] = f"cannot encode the message: {exc!r}"
             return None
         return self._send(producer, msg, ready, mandatory=mandatory)

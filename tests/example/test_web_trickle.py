@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -75,7 +75,11 @@ class Trickler:
             with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
                 sock.sendall(head)
                 while time.monotonic() - start < GIVE_UP:
-                    ready, _, _ = select.select([sock], [], [], 0.5)
+                    # poll, not select(): in a long run this process's descriptors pass
+                    # select's limit of 1024
+                    with selectors.PollSelector() as sel:
+                        sel.register(sock, selectors.EVENT_READ)
+                        ready = sel.select(0.5)
                     if ready:
                         try:
                             chunk = sock.recv(4096)

@@ -166,6 +166,10 @@ def _destination(app: Celery, routed: Mapping[str, Any], where: str) -> tuple[st
         raise UnsupportedOptionError(f"{where}: no queue: set task_default_queue or a route")
     exchange = routed.get("exchange")
     routing_key = routed.get("routing_key")
+    if exchange is not None and not isinstance(exchange, str | Exchange):
+        raise UnsupportedOptionError(f"{where}: exchange={exchange!r} is not a name")
+    if routing_key is not None and not isinstance(routing_key, str):
+        raise UnsupportedOptionError(f"{where}: routing_key={routing_key!r} is not a name")
     exchange_type = routed.get("exchange_type") or getattr(queue.exchange, "type", "direct")
     if (not exchange or not routing_key) and exchange_type == "direct":
         return queue.name, "", queue.name

@@ -155,13 +155,14 @@ def unreachable(pipe: Pipeline, frozen: float, dead: float) -> None:
     down = time.monotonic()
     pipe.broker.pause()
     back = time.monotonic()  # a failover: serving again already
+    at_back = pipe.snapshot()
     time.sleep(frozen)
     pipe.broker.kill_paused()
     time.sleep(dead)
     pipe.broker.heal()
     if not pipe.broker.fails_over:
-        back = time.monotonic()
-    recovery = pipe.recovery(back)
+        back, at_back = time.monotonic(), pipe.snapshot()
+    recovery = pipe.recovery(back, before=at_back)
     assert producers.stop() == [0] * count  # none errored
     journal = producers.journal()
     assert journal.errors == []

@@ -269,6 +269,11 @@ class Proc:
         if self.session:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
+            # A SIGKILLed process lives on until it is next scheduled: on a busy machine
+            # the group can still show a member right after killpg. Gone when we return.
+            deadline = time.monotonic() + 5
+            while group_members(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
         return code
 
 

@@ -244,16 +244,13 @@ class KeyIndex:
         self._forget_lost(wal)
         booted = boot_id()
         if self._meta("boot_id") != booted:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)  # every stripe: no send runs
-            try:
+            with self._every_stripe():
                 if self._meta("boot_id") != booted:
                     self._index_log(wal, 0, None, None)
                     os.pwrite(self._fd, bytes(_WRITER), 0)
                     with self._writing():
                         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('boot_id', ?)",
                                          (booted,))  # fmt: skip
-            finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, _WRITER, 0)
         raw = os.pread(self._fd, _WRITER, 0)
         for stripe in range(STRIPES):
             if any(raw[stripe * _SLOT.size : (stripe + 1) * _SLOT.size]):
@@ -267,20 +264,30 @@ class KeyIndex:
         tails = wal.lost_tails()
         if tails == self._seen_losses():
             return
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)  # every stripe: no send runs
-        try:
+        with self._every_stripe():
             seen = self._seen_losses()
             if tails == seen:
                 return
             common = 0  # entries both lists start with: already applied
             while common < min(len(seen), len(tails)) and seen[common] == tails[common]:
                 common += 1
-            start = min(tails[common:])
+            # New entries; or LOSSES was started again (repair of a damaged one) shorter
+            # than what was seen: then everything it names counts again.
+            fresh = tails[common:] or tails
             with self._writing():
-                self._db.execute("DELETE FROM keys WHERE lsn >= ?", (start,))
+                if fresh:
+                    self._db.execute("DELETE FROM keys WHERE lsn >= ?", (min(fresh),))
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('lost_tails', ?)",
                                  (json.dumps(tails),))  # fmt: skip
-            self._index_log(wal, start, None, None)
+            if fresh:
+                self._index_log(wal, min(fresh), None, None)
+
+    @contextlib.contextmanager
+    def _every_stripe(self) -> Iterator[None]:
+        """Every stripe at once (and so no send runs), across processes."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)
+        try:
+            yield
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, _WRITER, 0)
 

@@ -5,25 +5,15 @@ pruned, confirmed) keeps its first answer."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.walrelay.shop_app import app as shop
+from tests.support.lost_tail import make, run_repair
 from tests.walrelay.shop_tasks import reserve
-from walrelay import Relay, RelaySettings
 from walrelay.record import decode
-from walstore import Options, SyncPolicy
 
 pytestmark = pytest.mark.timeout(60)
-SMALL = Options(sync=SyncPolicy.NONE, segment_bytes=8192, min_free_bytes=0)
-
-
-def make(wal_dir: Path) -> Relay:
-    settings = RelaySettings(wal_dir=str(wal_dir), idempotency_window=3600.0)
-    return Relay(shop, str(wal_dir), settings=settings, wal_options=SMALL)
 
 
 def test_a_key_lost_with_the_tail_is_sent_again_after_repair(tmp_path: Path) -> None:
@@ -37,8 +27,7 @@ def test_a_key_lost_with_the_tail_is_sent_again_after_repair(tmp_path: Path) -> 
     newest = sorted(wal_dir.glob("*.seg"))[-1]
     assert int(newest.stem) <= lost.lsn and int(newest.stem) > kept.lsn
     newest.unlink()
-    repair = subprocess.run([sys.executable, "-m", "walstore.cli", "repair", str(wal_dir)],
-                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    repair = run_repair(wal_dir)
     assert repair.returncode == 0 and "LOST" in repair.stdout, repair.stdout + repair.stderr
 
     relay = make(wal_dir)
@@ -50,5 +39,28 @@ def test_a_key_lost_with_the_tail_is_sent_again_after_repair(tmp_path: Path) -> 
         assert relay.send(reserve.s("lost"), key="lost") == again  # the new first answer
         assert relay.send(reserve.s("kept"), key="kept") == kept  # still in the log
         assert filler.lsn > again.lsn
+    finally:
+        relay.close()
+
+
+def test_an_index_that_saw_more_losses_than_losses_now_names_still_opens(
+    tmp_path: Path,
+) -> None:
+    """LOSSES started again shorter than what the index saw (an operator removed it, or
+    repair rewrote a damaged one): the index opens and keys still answer."""
+    wal_dir = tmp_path / "wal"
+    relay = make(wal_dir)
+    for i in range(60):
+        relay.send(reserve.s(f"filler-{i}"))
+    relay.close()
+    sorted(wal_dir.glob("*.seg"))[-1].unlink()
+    assert run_repair(wal_dir).returncode == 0
+    relay = make(wal_dir)
+    first = relay.send(reserve.s("k"), key="k")  # the index takes in LOSSES here
+    relay.close()
+    (wal_dir / "LOSSES").unlink()
+    relay = make(wal_dir)
+    try:
+        assert relay.send(reserve.s("k"), key="k") == first
     finally:
         relay.close()

@@ -16,25 +16,15 @@ the retry gets the lost record's receipt, nothing appended: its tasks never run.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.walrelay.shop_app import app as shop
+from tests.support.lost_tail import make, run_repair
 from tests.walrelay.shop_tasks import reserve
-from walrelay import Relay, RelaySettings
 from walrelay.record import decode
-from walstore import Options, SyncPolicy
 
 pytestmark = pytest.mark.timeout(60)
-SMALL = Options(sync=SyncPolicy.NONE, segment_bytes=8192, min_free_bytes=0)
-
-
-def make(wal_dir: Path) -> Relay:
-    settings = RelaySettings(wal_dir=str(wal_dir), idempotency_window=3600.0)
-    return Relay(shop, str(wal_dir), settings=settings, wal_options=SMALL)
 
 
 def test_a_key_lost_in_a_segment_before_head_is_sent_again_after_pruning(
@@ -55,8 +45,7 @@ def test_a_key_lost_in_a_segment_before_head_is_sent_again_after_pruning(
     assert int(older.stem) <= lost.lsn < int(newest.stem)
     older.unlink()  # the record of key "lost" goes with it
     newest.unlink()
-    out = subprocess.run([sys.executable, "-m", "walstore.cli", "repair", str(wal_dir)],
-                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    out = run_repair(wal_dir)
     assert out.returncode == 0, out.stdout + out.stderr
     m = re.search(r"LOST: LSN (\d+) and after", out.stdout)
     assert m is not None and int(m.group(1)) > lost.lsn, out.stdout

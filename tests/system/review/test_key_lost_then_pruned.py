@@ -12,25 +12,15 @@ purchase is never delivered, although the caller was told it is committed.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.walrelay.shop_app import app as shop
+from tests.support.lost_tail import make, run_repair
 from tests.walrelay.shop_tasks import reserve
-from walrelay import Relay, RelaySettings
 from walrelay.record import decode
-from walstore import Options, SyncPolicy
 
 pytestmark = pytest.mark.timeout(60)
-SMALL = Options(sync=SyncPolicy.NONE, segment_bytes=8192, min_free_bytes=0)
-
-
-def make(wal_dir: Path) -> Relay:
-    settings = RelaySettings(wal_dir=str(wal_dir), idempotency_window=3600.0)
-    return Relay(shop, str(wal_dir), settings=settings, wal_options=SMALL)
 
 
 def test_a_lost_key_retried_after_its_lsn_was_reused_and_pruned_is_sent_again(
@@ -45,8 +35,7 @@ def test_a_lost_key_retried_after_its_lsn_was_reused_and_pruned_is_sent_again(
     newest = sorted(wal_dir.glob("*.seg"))[-1]
     assert int(newest.stem) <= lost.lsn
     newest.unlink()  # the record of key "lost" goes with it
-    repair = subprocess.run([sys.executable, "-m", "walstore.cli", "repair", str(wal_dir)],
-                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    repair = run_repair(wal_dir)
     assert repair.returncode == 0 and "LOST" in repair.stdout, repair.stdout + repair.stderr
 
     relay = make(wal_dir)

@@ -26,18 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.walrelay.shop_app import app as shop
+from tests.support.lost_tail import SMALL, make, run_repair
 from tests.walrelay.shop_tasks import reserve
-from walrelay import Relay, RelaySettings
-from walstore import CorruptLogError, Options, SyncPolicy, Wal
+from walrelay import Relay
+from walstore import CorruptLogError, Wal
 
 pytestmark = pytest.mark.timeout(60)
-SMALL = Options(sync=SyncPolicy.NONE, segment_bytes=8192, min_free_bytes=0)
-
-
-def make(wal_dir: Path) -> Relay:
-    settings = RelaySettings(wal_dir=str(wal_dir), idempotency_window=3600.0)
-    return Relay(shop, str(wal_dir), settings=settings, wal_options=SMALL)
 
 
 def drained_then_lost(wal_dir: Path) -> tuple[Relay, int]:
@@ -57,8 +51,7 @@ def drained_then_lost(wal_dir: Path) -> tuple[Relay, int]:
 
 
 def repair(wal_dir: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "walstore.cli", "repair", str(wal_dir)],
-                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    result = run_repair(wal_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -1,0 +1,133 @@
+"""A signature without options is routed once per task name when the app's routes look
+at the name only (Celery's MapRoute: ``task_routes`` maps and globs), and on every send
+when a router function may look at the arguments. Either way the record says what
+Celery's own router says for that send."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from walrelay import Relay, RelaySettings
+from walrelay.record import Entry, decode
+from walrelay.signatures import task_specs
+from walstore import Options, SyncPolicy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _relay(app: Celery, tmp_path: Path) -> Relay:
+    options = Options(sync=SyncPolicy.NONE, segment_bytes=1 << 20)
+    return Relay(app, str(tmp_path / "wal"), settings=RelaySettings(), wal_options=options)
+
+
+def _entries(relay: Relay) -> list[Entry]:
+    return [decode(payload) for _lsn, payload in relay.wal().iter_from(0)]
+
+
+def _counting(app: Celery) -> list[str]:
+    """Calls of Celery's router, by task name."""
+    router = app.amqp.router
+    calls: list[str] = []
+    route = router.route
+
+    def counted(options: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return route(options, name, *args, **kwargs)
+
+    setattr(router, "route", counted)  # noqa: B010 (a method: mypy refuses assigning it)
+    return calls
+
+
+@pytest.fixture
+def mapped(tmp_path: Path) -> Iterator[tuple[Celery, Relay]]:
+    app = Celery("mapped", broker="memory://", set_as_current=False)
+    app.conf.task_routes = {
+        "m.stock": {"queue": "stock", "headers": {"source": "web"}},
+        "m.audit.*": {"queue": "audit", "priority": 3},
+    }
+
+    @app.task(name="m.stock", shared=False)
+    def stock(n: int) -> int:
+        return n
+
+    @app.task(name="m.audit.note", shared=False, expires=60)
+    def note(n: int) -> int:
+        return n
+
+    relay = _relay(app, tmp_path)
+    yield app, relay
+    relay.close()
+
+
+def test_static_routes_are_looked_up_once_per_task_name(mapped: tuple[Celery, Relay]) -> None:
+    app, relay = mapped
+    calls = _counting(app)
+    stock = app.tasks["m.stock"]
+    for n in range(3):
+        relay.send(stock.s(n))
+    assert calls == ["m.stock"]
+    entries = _entries(relay)
+    assert [e.tasks[0].queue for e in entries] == ["stock"] * 3
+    assert [e.tasks[0].args for e in entries] == [[0], [1], [2]]
+    for e in entries:
+        assert e.tasks[0].options == {"exchange": "", "routing_key": "stock",
+                                      "headers": {"source": "web"}}  # fmt: skip
+    # Each send gets its own options: changing one send's headers changes no other's.
+    first, second = (task_specs(app, (stock.s(n),), time.time())[0] for n in (4, 5))
+    first.options["headers"]["source"] = "changed"
+    assert second.options["headers"] == {"source": "web"}
+    assert task_specs(app, (stock.s(6),), time.time())[0].options["headers"] == {"source": "web"}
+
+
+def test_a_routed_expiry_counts_from_each_send(
+    mapped: tuple[Celery, Relay],
+) -> None:
+    app, relay = mapped
+    calls = _counting(app)
+    note = app.tasks["m.audit.note"]
+    relay.send(note.s(1))
+    time.sleep(0.05)
+    relay.send(note.s(2))
+    assert calls == ["m.audit.note", "m.audit.note"]  # expires depends on the send time
+    first, second = (e.tasks[0] for e in _entries(relay))
+    assert second.options["expires"] - first.options["expires"] >= 0.04
+    assert first.options["priority"] == second.options["priority"] == 3
+
+
+def test_options_on_the_signature_are_routed_every_time(mapped: tuple[Celery, Relay]) -> None:
+    app, relay = mapped
+    calls = _counting(app)
+    stock = app.tasks["m.stock"]
+    relay.send(stock.s(1))
+    relay.send(stock.s(2).set(queue="audit"))
+    relay.send(stock.s(3))
+    assert [e.tasks[0].queue for e in _entries(relay)] == ["stock", "audit", "stock"]
+    assert calls == ["m.stock", "m.stock"]
+
+
+def test_a_router_function_sees_the_arguments_of_every_send(tmp_path: Path) -> None:
+    app = Celery("byargs", broker="memory://", set_as_current=False)
+
+    def by_size(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+                ) -> dict[str, str]:  # fmt: skip
+        return {"queue": "big" if args and args[0] > 10 else "small"}
+
+    app.conf.task_routes = (by_size,)
+
+    @app.task(name="b.work", shared=False)
+    def work(n: int) -> int:
+        return n
+
+    relay = _relay(app, tmp_path)
+    try:
+        for n in (1, 50, 2, 99):
+            relay.send(work.s(n))
+        assert [e.tasks[0].queue for e in _entries(relay)] == ["small", "big", "small", "big"]
+    finally:
+        relay.close()

@@ -222,6 +222,9 @@ PUMP_FIELDS: tuple[tuple[str, str, str, str], ...] = (
     ("failed", "pump_failed", "counter", "Task-failure acks applied (failed attempts)."),
     ("lost", "pump_lost", "counter", "Suspected losses counted as failed attempts."),
     ("duplicate_acks", "pump_duplicate_acks", "counter", "Acks for targets already done."),
+    ("stale_acks", "pump_stale_acks", "counter",
+     "Acks of records lost with the end of the log (walstore repair), whose LSNs new "
+     "records took: ignored."),
     ("entries_done", "pump_entries_done", "counter", "Entries confirmed or dead-lettered."),
     ("pruned_segments", "pump_pruned_segments", "counter", "WAL segments deleted below the LWM."),
     ("broker_sessions", "pump_broker_sessions", "counter",

@@ -23,6 +23,7 @@ class PumpStats:
     carried: int = 0  # held records appended again to unpin old segments
     read_errors: int = 0  # failed reads of the log (retried; nothing skipped)
     duplicate_acks: int = 0  # acks for targets already done (duplicate deliveries)
+    stale_acks: int = 0  # acks of records lost with the end of the log (ignored)
     entries_done: int = 0  # entries that left the window (confirmed or dead)
     dead_lettered: int = 0  # entries written to the dead letters
     broker_sessions: int = 0  # broker sessions seen (restarts and reconnections + 1)

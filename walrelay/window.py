@@ -171,10 +171,16 @@ class Window:
         wal_id: str,
         wall: Callable[[], float],
         finish: Callable[[InFlight], None],
+        losses: Iterable[int] = (),
     ) -> None:
+        """``losses``: ``Wal.lost_tails()`` (where repairs accepted a lost end of the
+        log, oldest first)."""
         self.config, self.stats, self.wal_id, self.wall = config, stats, wal_id, wall
         self._finish = finish
-        self.run_id = os.urandom(4).hex()  # names this pump's copies (COPY_HEADER)
+        self._losses = list(losses)
+        # Names this pump's copies (COPY_HEADER): "<losses>:<random>", so that an ack
+        # says how many losses the log had had when its copy was published.
+        self.run_id = f"{len(self._losses)}:{os.urandom(4).hex()}"
         self.flights: dict[int, InFlight] = {}  # by identity, in admission order
         self.lanes = Lanes()
         self.timers = Timers()
@@ -231,6 +237,9 @@ class Window:
     # ---------------------------------------------------------------- acks
     def apply_acks(self, acks: Iterable[Ack], now: float) -> None:
         for ack in acks:
+            if self._losses and self._stale(ack):
+                self.stats.stale_acks += 1
+                continue
             flight = self.flights.get(ack.lsn) if ack.wal_id == self.wal_id else None
             target = flight.targets.get(ack.target) if flight is not None else None
             if flight is None or target is None or not target.published:
@@ -248,12 +257,24 @@ class Window:
             else:
                 self._failed(flight, target, ack, copy, now)
 
+    def _stale(self, ack: Ack) -> bool:
+        """Whether ``ack`` ran a record that was lost: its copy was published before a
+        loss (``walstore repair`` accepting a lost end of the log) at or below its LSN,
+        which has since been handed out again to a new record with the same task ids.
+        An ack naming no copy (workers of an older release) cannot tell: it counts."""
+        if not ack.copy:
+            return False
+        seen, colon, _ = ack.copy.partition(".")[0].rpartition(":")
+        known = (_number(seen) if colon else 0) or 0  # older pumps named none: 0
+        later = self._losses[known:]
+        return bool(later) and ack.lsn >= min(later)
+
     def _copy_of(self, ack: Ack, target: TargetState) -> int | None:
         """The copy number ``ack`` names, if this pump published it for ``target``."""
         run, _, number = (ack.copy or "").partition(".")
-        if run != self.run_id or not number.isdigit():
+        copy = _number(number)
+        if run != self.run_id or copy is None:
             return None
-        copy = int(number)
         return copy if target.first_seq <= copy <= target.pub_seq else None
 
     def _failed(self, flight: InFlight, target: TargetState, ack: Ack, copy: int | None,
@@ -346,3 +367,11 @@ class Window:
     def kill(self, flight: InFlight, target: TargetState) -> None:
         flight.dead[target.spec.target] = target
         self.done(flight, target)
+
+
+def _number(text: str) -> int | None:
+    """A count written by ``str(int)``, else None (an ack's copy name is the worker's
+    word: ``"²".isdigit()`` holds, and ``int`` refuses it)."""
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
+    return None

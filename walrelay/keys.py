@@ -67,6 +67,11 @@ _SCHEMA = (
 )
 
 
+# json.dumps(x, separators=...) builds an encoder per call: these are built once (the same
+# text; ~5 us less per call, and a keyed send encodes five times).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
 _UPSERT_NEWER = (
     "INSERT INTO keys VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
     " digest = excluded.digest, lsn = excluded.lsn, task_ids = excluded.task_ids,"
@@ -87,8 +92,8 @@ def digest(entry: Entry, arguments: str | None = None) -> str:
     ]  # fmt: skip
     # Mappings compare as mappings: kwargs (or a dict argument) built in another order
     # on a retry are the same call. Parsed first, so every key is a string.
-    canonical = json.dumps(json.loads(arguments), sort_keys=True, separators=(",", ":"))
-    doc = json.dumps([entry.order_key, routes], separators=(",", ":")) + canonical
+    canonical = _CANONICAL.encode(json.loads(arguments))
+    doc = _COMPACT.encode([entry.order_key, routes]) + canonical
     return hashlib.sha256(doc.encode()).hexdigest()
 
 

@@ -37,6 +37,9 @@ from .errors import BadRecordError
 VERSION = 2
 VERSIONS = (1, 2)
 _TARGET = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Built once: json.dumps with arguments builds an encoder per call (the same text).
+_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ESCAPED = json.JSONEncoder(separators=(",", ":"))
 OPTION_KEYS = frozenset({"eta", "expires", "priority", "headers", "exchange", "routing_key"})
 
 
@@ -75,9 +78,9 @@ class Entry:
             "tasks": [_task_doc(t) for t in self.tasks],
         }
         try:
-            return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+            return _UTF8.encode(doc).encode()
         except UnicodeEncodeError:  # a lone surrogate (valid JSON "\ud800"): keep it escaped
-            return json.dumps(doc, separators=(",", ":")).encode()
+            return _ESCAPED.encode(doc).encode()
 
     def only(self, targets: set[str]) -> Entry:
         """The same entry restricted to some targets (dead-letter replay)."""

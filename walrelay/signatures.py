@@ -44,6 +44,8 @@ RESERVED_HEADERS = frozenset({
 # By task name: (task, queue, options) of a signature without options (_destinations).
 _Destinations = dict[str, tuple[Any, str, dict[str, Any]]]
 _CACHE_ATTR = "_walrelay_destinations"  # where Celery's router keeps them
+# Built once: json.dumps with arguments builds an encoder per call (the same text).
+_STRICT = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 MAX_PRIORITY = 255  # AMQP's bound; Redis uses 0-9 (higher values are clamped by kombu)
 
 
@@ -319,7 +321,7 @@ def _check_json(value: Any, what: str = "the tasks' arguments are") -> str:
     """JSON text in UTF-8: no NaN or infinity, no type JSON lacks, no lone surrogate
     (json.dumps would write it, and the record could not be encoded)."""
     try:
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text = _STRICT.encode(value)
         text.encode()
         return text
     except (TypeError, ValueError, RecursionError) as exc:  # incl. UnicodeEncodeError

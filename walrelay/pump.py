@@ -71,8 +71,7 @@ class Pump:
         self.clock, self.sleep, self.wall = clock, sleep, wall
         self.policy = policy
         self.stats = PumpStats()
-        self.window = Window(self.config, self.stats, self.wal_id, wall, self._finish,
-                             wal.lost_tails())  # fmt: skip
+        self.window = Window(self.config, self.stats, self.wal_id, wall, self._finish)
         self.inflight = self.window.flights  # by identity, in admission order
         self.timers = self.window.timers
         self.pending: dict[int, int] = {}  # LSN -> identity of every record not finished

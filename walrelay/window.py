@@ -18,6 +18,7 @@ ack or a due timer means:
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 from collections.abc import Callable, Iterable
@@ -171,16 +172,10 @@ class Window:
         wal_id: str,
         wall: Callable[[], float],
         finish: Callable[[InFlight], None],
-        losses: Iterable[int] = (),
     ) -> None:
-        """``losses``: ``Wal.lost_tails()`` (where repairs accepted a lost end of the
-        log, oldest first)."""
         self.config, self.stats, self.wal_id, self.wall = config, stats, wal_id, wall
         self._finish = finish
-        self._losses = list(losses)
-        # Names this pump's copies (COPY_HEADER): "<losses>:<random>", so that an ack
-        # says how many losses the log had had when its copy was published.
-        self.run_id = f"{len(self._losses)}:{os.urandom(4).hex()}"
+        self.run_id = os.urandom(4).hex()  # names this pump's copies (COPY_HEADER)
         self.flights: dict[int, InFlight] = {}  # by identity, in admission order
         self.lanes = Lanes()
         self.timers = Timers()
@@ -203,7 +198,9 @@ class Window:
         self.lanes.sent(target.lane, (flight.identity, target.spec.target), now)
         self.timers.push(self._due(target, now, now + self.config.ack_timeout), flight.identity,
                          target)  # fmt: skip
-        copy = f"{self.run_id}.{self._pub_seq}"
+        # "<run>.<publication>.<record>": the last part tells this record from another
+        # that had its LSN before a loss of the end of the log (see apply_acks).
+        copy = f"{self.run_id}.{self._pub_seq}.{fingerprint(flight.entry)}"
         return message_for(self.wal_id, flight.identity, target.spec, copy, target.options)
 
     def _due(self, target: TargetState, now: float, due: float) -> float:
@@ -237,13 +234,17 @@ class Window:
     # ---------------------------------------------------------------- acks
     def apply_acks(self, acks: Iterable[Ack], now: float) -> None:
         for ack in acks:
-            if self._losses and self._stale(ack):
-                self.stats.stale_acks += 1
-                continue
             flight = self.flights.get(ack.lsn) if ack.wal_id == self.wal_id else None
             target = flight.targets.get(ack.target) if flight is not None else None
             if flight is None or target is None or not target.published:
                 self.stats.duplicate_acks += 1
+                continue
+            if _stale(ack, flight.entry):
+                # A worker ran a copy of a record that had this LSN (and so these task
+                # ids) before ``walstore repair`` accepted a lost end of the log: not
+                # this record's task. Its queue is moving, though.
+                self.stats.stale_acks += 1
+                self.lanes.confirmed(target.lane, None, now)
                 continue
             copy = self._copy_of(ack, target)
             # Without a copy name the ack is some copy of the task, so at least its
@@ -257,22 +258,10 @@ class Window:
             else:
                 self._failed(flight, target, ack, copy, now)
 
-    def _stale(self, ack: Ack) -> bool:
-        """Whether ``ack`` ran a record that was lost: its copy was published before a
-        loss (``walstore repair`` accepting a lost end of the log) at or below its LSN,
-        which has since been handed out again to a new record with the same task ids.
-        An ack naming no copy (workers of an older release) cannot tell: it counts."""
-        if not ack.copy:
-            return False
-        seen, colon, _ = ack.copy.partition(".")[0].rpartition(":")
-        known = (_number(seen) if colon else 0) or 0  # older pumps named none: 0
-        later = self._losses[known:]
-        return bool(later) and ack.lsn >= min(later)
-
     def _copy_of(self, ack: Ack, target: TargetState) -> int | None:
         """The copy number ``ack`` names, if this pump published it for ``target``."""
-        run, _, number = (ack.copy or "").partition(".")
-        copy = _number(number)
+        run, _, rest = (ack.copy or "").partition(".")
+        copy = _number(rest.partition(".")[0])
         if run != self.run_id or copy is None:
             return None
         return copy if target.first_seq <= copy <= target.pub_seq else None
@@ -367,6 +356,22 @@ class Window:
     def kill(self, flight: InFlight, target: TargetState) -> None:
         flight.dead[target.spec.target] = target
         self.done(flight, target)
+
+
+def fingerprint(entry: Entry) -> str:
+    """Tells records apart that had the same LSN: its send time (``created``), hashed.
+    Kept by a record carried forward; "" for a record of version 1 (no send time)."""
+    if entry.created is None:
+        return ""
+    return hashlib.blake2b(repr(entry.created).encode(), digest_size=6).hexdigest()
+
+
+def _stale(ack: Ack, entry: Entry) -> bool:
+    """Whether ``ack`` names a copy of another record than ``entry`` (one lost with the
+    end of the log, whose LSN ``entry`` took). An ack without that part (a worker or a
+    pump of an older release) cannot tell: it counts."""
+    parts = (ack.copy or "").split(".")
+    return len(parts) == 3 and parts[2] != "" and parts[2] != fingerprint(entry)
 
 
 def _number(text: str) -> int | None:

@@ -3,6 +3,7 @@ pump's unit tests (tests/walrelay/test_pump_*.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from walstore import Wal, WalError
 WALL_START = 1_700_000_000.0  # the fake wall clock (unix time) when the fake clock is 1000
 
 
-def purchase_entry(purchase: dict[str, Any]) -> Entry:
+def purchase_entry(purchase: dict[str, Any], created: float | None = None) -> Entry:
     """A purchase's record with named targets (relay.send numbers them "0", "1")."""
     return Entry(
         key=purchase["purchase_id"],
         tasks=tuple(TaskSpec(t, TASK_NAMES[t], t, [purchase]) for t in TARGETS),
+        created=created,
     )
 
 
@@ -70,8 +72,11 @@ class Rig:
                     sleep=self.clock.advance, wall=self.clock.wall, policy=self.policy)  # fmt: skip
 
     def append(self, n: int, prefix: str = "p") -> list[int]:
+        """``n`` records as relay.send writes them (its send time from the real clock:
+        the fake one starts at the same instant in every rig)."""
         return [
-            self.wal.append(purchase_entry(purchase(f"{prefix}{i}")).encode()) for i in range(n)
+            self.wal.append(purchase_entry(purchase(f"{prefix}{i}"), time.time()).encode())
+            for i in range(n)
         ]
 
     def append_entry(self, *tasks: TaskSpec, key: str | None = None, **fields: Any) -> int:

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
-from celery.app.routes import MapRoute
 from celery.canvas import Signature
 from celery.exceptions import QueueNotFound
 from celery.utils.time import maybe_make_aware
@@ -41,9 +40,6 @@ RESERVED_HEADERS = frozenset({
     "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin",
     "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps",
 })  # fmt: skip
-# By task name: (task, queue, options) of a signature without options (_destinations).
-_Destinations = dict[str, tuple[Any, str, dict[str, Any]]]
-_CACHE_ATTR = "_walrelay_destinations"  # where Celery's router keeps them
 # Built once: json.dumps with arguments builds an encoder per call (the same text).
 _STRICT = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 MAX_PRIORITY = 255  # AMQP's bound; Redis uses 0-9 (higher values are clamped by kombu)
@@ -53,8 +49,7 @@ def task_specs(app: Celery, signatures: tuple[Any, ...], now: float) -> tuple[Ta
     """One TaskSpec per signature, targets "0", "1", ... by position."""
     if not signatures:
         raise SendError("send() needs at least one task signature, e.g. task.s(...)")
-    tasks, cache = app.tasks, _destinations(app)  # looked up once: each is a property
-    return tuple(task_spec(app, str(i), sig, now, tasks, cache) for i, sig in enumerate(signatures))
+    return tuple(task_spec(app, str(i), sig, now) for i, sig in enumerate(signatures))
 
 
 def arguments_json(specs: tuple[TaskSpec, ...]) -> str:
@@ -72,72 +67,17 @@ def arguments_json(specs: tuple[TaskSpec, ...]) -> str:
         raise
 
 
-def task_spec(
-    app: Celery,
-    target: str,
-    sig: Any,
-    now: float,
-    tasks: Mapping[str, Any] | None = None,
-    cache: _Destinations | None = None,
-) -> TaskSpec:
-    """``tasks``, ``cache``: the app's task registry and ``_destinations(app)``, if the
-    caller has them."""
+def task_spec(app: Celery, target: str, sig: Any, now: float) -> TaskSpec:
     where = f"task {target}"
     name = _plain_signature(sig, where)
-    task: Any = (app.tasks if tasks is None else tasks).get(name)
+    task: Any = app.tasks.get(name)
     if task is None:
         raise UnknownTaskError(
             f"{where}: {name!r} is not a task of app {app.main!r}; import the module that "
             "defines it (include=... or autodiscover_tasks)"
         )
     args, kwargs = list(sig.args or ()), dict(sig.kwargs or {})
-    if sig.options:
-        cache = None
-    elif cache is None:
-        cache = _destinations(app)
-    if cache is not None:
-        hit = cache.get(name)
-        if hit is not None and hit[0] is task:
-            return TaskSpec(target, name, hit[1], args, kwargs, _copy_options(hit[2]))
-    spec = _routed_spec(app, task, target, name, sig, args, kwargs, now)
-    if cache is not None and "eta" not in spec.options and "expires" not in spec.options:
-        cache[name] = (task, spec.queue, _copy_options(spec.options))
-    return spec
-
-
-def _destinations(app: Celery) -> _Destinations | None:
-    """Where a task's signature without options goes, by task name, when the app's
-    routes look at the name only (``task_routes`` maps and globs: Celery's MapRoute):
-    routing a task cost ~1/8 of a ``send`` of two tasks. None when a router function
-    may look at the arguments (then every send is routed). Kept on Celery's router,
-    which itself reads the routes and queues once."""
-    router = app.amqp.router
-    if _CACHE_ATTR not in router.__dict__:
-        routes = getattr(router, "routes", None)  # the stubs leave it out
-        static = routes is not None and all(isinstance(r, MapRoute) for r in routes)
-        setattr(router, _CACHE_ATTR, {} if static else None)
-    cache: _Destinations | None = router.__dict__[_CACHE_ATTR]
-    return cache
-
-
-def _copy_options(options: dict[str, Any]) -> dict[str, Any]:
-    copied = dict(options)
-    if "headers" in copied:
-        copied["headers"] = dict(copied["headers"])
-    return copied
-
-
-def _routed_spec(
-    app: Celery,
-    task: Any,
-    target: str,
-    name: str,
-    sig: Any,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    now: float,
-) -> TaskSpec:
-    where = f"task {target} ({name})"
+    where = f"{where} ({name})"
     options = _options(task, sig.options, where)
     try:
         routed = app.amqp.router.route(dict(options), name, tuple(args), kwargs, task)

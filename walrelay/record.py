@@ -137,7 +137,8 @@ def decode(payload: bytes) -> Entry:
         entry = Entry(key, tasks, _optional_str(doc, "order_key"), origin, created, version)
     except BadRecordError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            OverflowError) as exc:  # fmt: skip
         raise BadRecordError(f"undecodable record: {type(exc).__name__}: {exc}") from None
     if not tasks:
         raise BadRecordError("record names no task")

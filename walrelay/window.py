@@ -359,11 +359,11 @@ class Window:
 
 
 def fingerprint(entry: Entry) -> str:
-    """Tells records apart that had the same LSN: its send time (``created``), hashed.
-    Kept by a record carried forward; "" for a record of version 1 (no send time)."""
-    if entry.created is None:
-        return ""
-    return hashlib.blake2b(repr(entry.created).encode(), digest_size=6).hexdigest()
+    """Tells records apart that had the same LSN: its send time (``created``), hashed,
+    which a record carried forward keeps; for a record without one (version 1, which is
+    never carried forward) its content."""
+    basis = entry.encode() if entry.created is None else repr(entry.created).encode()
+    return hashlib.blake2b(basis, digest_size=6).hexdigest()
 
 
 def _stale(ack: Ack, entry: Entry) -> bool:

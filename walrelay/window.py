@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from . import settings
 from .admission import NO_OPTIONS, TaskOptions, message_for
 from .broker import Ack, TaskMessage
-from .lanes import Lanes
+from .lanes import LaneKey, Lanes
 from .pumpstats import PumpStats
 from .record import Entry, TaskSpec
 
@@ -176,6 +176,8 @@ class Window:
         self.config, self.stats, self.wal_id, self.wall = config, stats, wal_id, wall
         self._finish = finish
         self.run_id = os.urandom(4).hex()  # names this pump's copies (COPY_HEADER)
+        self._lane_tags: dict[LaneKey, str] = {}  # the lane part of copy names, both ways
+        self._tagged_lanes: dict[str, LaneKey] = {}
         self.flights: dict[int, InFlight] = {}  # by identity, in admission order
         self.lanes = Lanes()
         self.timers = Timers()
@@ -198,9 +200,12 @@ class Window:
         self.lanes.sent(target.lane, (flight.identity, target.spec.target), now)
         self.timers.push(self._due(target, now, now + self.config.ack_timeout), flight.identity,
                          target)  # fmt: skip
-        # "<run>.<publication>.<record>": the last part tells this record from another
-        # that had its LSN before a loss of the end of the log (see apply_acks).
-        copy = f"{self.run_id}.{self._pub_seq}.{fingerprint(flight.entry)}"
+        # "<run>.<publication>.<record>.<lane>": the record part tells this record from
+        # another that had its LSN before a loss of the end of the log; the lane part
+        # says which queue an ack of a task no longer in the window came from (see
+        # apply_acks).
+        record, lane = fingerprint(flight.entry), self._tag(target.lane)
+        copy = f"{self.run_id}.{self._pub_seq}.{record}.{lane}"
         return message_for(self.wal_id, flight.identity, target.spec, copy, target.options)
 
     def _due(self, target: TargetState, now: float, due: float) -> float:
@@ -238,13 +243,14 @@ class Window:
             target = flight.targets.get(ack.target) if flight is not None else None
             if flight is None or target is None or not target.published:
                 self.stats.duplicate_acks += 1
+                self._moved(ack, None, now)  # a duplicate: its queue moves all the same
                 continue
             if _stale(ack, flight.entry):
                 # A worker ran a copy of a record that had this LSN (and so these task
                 # ids) before ``walstore repair`` accepted a lost end of the log: not
                 # this record's task. Its queue is moving, though.
                 self.stats.stale_acks += 1
-                self.lanes.confirmed(target.lane, None, now)
+                self._moved(ack, target.lane, now)
                 continue
             copy = self._copy_of(ack, target)
             # Without a copy name the ack is some copy of the task, so at least its
@@ -257,6 +263,23 @@ class Window:
                 self.done(flight, target)
             else:
                 self._failed(flight, target, ack, copy, now)
+
+    def _tag(self, lane: LaneKey) -> str:
+        tag = self._lane_tags.get(lane)
+        if tag is None:
+            tag = hashlib.blake2b(repr(lane).encode(), digest_size=4).hexdigest()
+            self._lane_tags[lane] = tag
+            self._tagged_lanes[tag] = lane
+        return tag
+
+    def _moved(self, ack: Ack, fallback: LaneKey | None, now: float) -> None:
+        """A worker finished a task of the queue ``ack``'s copy name says (else of
+        ``fallback``) that is no evidence of any copy: the queue moves, and a backlog of
+        such tasks (duplicates, lost records' copies) is not a queue nobody consumes."""
+        parts = (ack.copy or "").split(".")
+        lane = self._tagged_lanes.get(parts[3]) if len(parts) >= 4 else fallback
+        if lane is not None and lane in self.lanes.lanes:
+            self.lanes.confirmed(lane, None, now)
 
     def _copy_of(self, ack: Ack, target: TargetState) -> int | None:
         """The copy number ``ack`` names, if this pump published it for ``target``."""
@@ -371,7 +394,7 @@ def _stale(ack: Ack, entry: Entry) -> bool:
     end of the log, whose LSN ``entry`` took). An ack without that part (a worker or a
     pump of an older release) cannot tell: it counts."""
     parts = (ack.copy or "").split(".")
-    return len(parts) == 3 and parts[2] != "" and parts[2] != fingerprint(entry)
+    return len(parts) >= 3 and parts[2] != "" and parts[2] != fingerprint(entry)
 
 
 def _number(text: str) -> int | None:

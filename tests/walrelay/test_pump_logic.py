@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,3 +278,34 @@ def test_a_failed_checkpoint_is_retried_and_the_pump_keeps_going(
     rig.append(1)
     rig.steps(2)
     assert rig.wal.low_water_mark() == 3  # retried; entry 3 still in flight
+
+
+def test_a_backlog_of_duplicates_is_not_a_queue_nobody_consumes(wal: Wal, tmp_path: Path) -> None:
+    """A restarted pump publishes its window again: the duplicates queue up behind the
+    first copies. A worker working through them (no task of the window any more) shows the
+    queue moving, so the records queued behind them are not dead-lettered as stalled."""
+    config: dict[str, Any] = {"stall_timeout": 300.0, "max_ack_timeout": 60.0, "ack_timeout": 30.0}
+    rig = Rig(wal, tmp_path, **config)
+    rig.append(40)
+    rig.steps(2)
+    queue = rig.take("warehouse")
+    rig.ack(rig.take("finance"))
+    rig.pump = rig.new_pump()  # restarted: everything unconfirmed goes again
+    rig.steps(2)
+    queue += rig.take("warehouse")
+    rig.ack(rig.take("finance"))
+    new = rig.append(3, prefix="new")
+    rig.steps(2)
+    queue += rig.take("warehouse")
+    rig.ack(rig.take("finance"))
+    assert len(queue) * 10 > 2 * config["stall_timeout"]  # two timeouts' worth of work
+    for _ in range(200):  # one worker, FIFO, a task every 10 s, every one succeeds
+        if not queue:
+            break
+        rig.ack([queue.pop(0)])
+        rig.run_for(10, every=1)
+        queue += rig.take("warehouse")
+        rig.ack(rig.take("finance"))
+    assert rig.pump.stats.duplicate_acks >= 40
+    assert rig.pump.stats.stalled == 0 and rig.pump.stats.dead_lettered == 0, rig.pump.stats
+    assert not set(new) & set(rig.pump.inflight)

@@ -64,7 +64,7 @@ def test_acks_of_a_lost_v1_record_do_not_confirm_the_v2_record_at_its_lsn(
         wal.append(_v1_payload(f"old{i}"))
     rig.steps(3)
     before = rig.take("warehouse") + rig.take("finance")  # published by THIS release's pump
-    assert before and all(m.copy.count(".") == 2 for m in before)
+    assert before and all(m.copy.count(".") >= 2 for m in before)
     wal.close()
     lost_from = _lose_newest(wal_dir)
 

@@ -177,7 +177,7 @@ class Window:
         self._finish = finish
         self.run_id = os.urandom(4).hex()  # names this pump's copies (COPY_HEADER)
         self._lane_tags: dict[LaneKey, str] = {}  # the lane part of copy names, both ways
-        self._tagged_lanes: dict[str, LaneKey] = {}
+        self._tagged_lanes: dict[str, LaneKey | None] = {}
         self.flights: dict[int, InFlight] = {}  # by identity, in admission order
         self.lanes = Lanes()
         self.timers = Timers()
@@ -243,14 +243,14 @@ class Window:
             target = flight.targets.get(ack.target) if flight is not None else None
             if flight is None or target is None or not target.published:
                 self.stats.duplicate_acks += 1
-                self._moved(ack, None, now)  # a duplicate: its queue moves all the same
+                self._moved(ack, now)  # a duplicate: its queue moves all the same
                 continue
             if _stale(ack, flight.entry):
                 # A worker ran a copy of a record that had this LSN (and so these task
                 # ids) before ``walstore repair`` accepted a lost end of the log: not
                 # this record's task. Its queue is moving, though.
                 self.stats.stale_acks += 1
-                self._moved(ack, target.lane, now)
+                self._moved(ack, now)
                 continue
             copy = self._copy_of(ack, target)
             # Without a copy name the ack is some copy of the task, so at least its
@@ -267,17 +267,19 @@ class Window:
     def _tag(self, lane: LaneKey) -> str:
         tag = self._lane_tags.get(lane)
         if tag is None:
-            tag = hashlib.blake2b(repr(lane).encode(), digest_size=4).hexdigest()
+            tag = hashlib.blake2b(repr(lane).encode(), digest_size=8).hexdigest()
             self._lane_tags[lane] = tag
-            self._tagged_lanes[tag] = lane
+            # Two lanes with one tag (1 in 2**64 per pair): neither is credited by it.
+            self._tagged_lanes[tag] = None if tag in self._tagged_lanes else lane
         return tag
 
-    def _moved(self, ack: Ack, fallback: LaneKey | None, now: float) -> None:
-        """A worker finished a task of the queue ``ack``'s copy name says (else of
-        ``fallback``) that is no evidence of any copy: the queue moves, and a backlog of
-        such tasks (duplicates, lost records' copies) is not a queue nobody consumes."""
+    def _moved(self, ack: Ack, now: float) -> None:
+        """A worker finished a task of the queue ``ack``'s copy name says that is no
+        evidence of any copy (a duplicate, a lost record's copy): the queue moves, and a
+        backlog of such tasks is not a queue nobody consumes. A name without that part
+        (an older pump's) says nothing."""
         parts = (ack.copy or "").split(".")
-        lane = self._tagged_lanes.get(parts[3]) if len(parts) >= 4 else fallback
+        lane = self._tagged_lanes.get(parts[3]) if len(parts) >= 4 else None
         if lane is not None and lane in self.lanes.lanes:
             self.lanes.confirmed(lane, None, now)
 
@@ -341,7 +343,8 @@ class Window:
                 return self._lost(flight, target)
             self.timers.push(target.passed_at + cfg.ack_timeout, flight.identity, target)
             return False
-        stalled_since = max(lane.moved_at, target.first_published)
+        moved = max(lane.moved_at, self.lanes.queues.get(target.lane[0], 0.0))
+        stalled_since = max(moved, target.first_published)
         if now - stalled_since >= cfg.stall_timeout:
             self.stats.stalled += 1
             target.error = (f"queue {target.spec.queue!r} did not move for "

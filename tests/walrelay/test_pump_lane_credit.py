@@ -1,0 +1,262 @@
+"""Which acks show a queue moving (review of 2026-11-30): an ack of a task no longer in
+the window (a duplicate, a lost record's copy) counts for the queue its copy name tags,
+and for no other; a queue's priorities move together; odd copy names change nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.pumprig import Rig
+from walrelay.broker import Ack
+from walrelay.record import TaskSpec, parse_task_id
+from walstore import Options, SyncPolicy, Wal
+
+
+@pytest.fixture
+def wal(tmp_path: Path) -> Iterator[Wal]:
+    log = Wal.open(tmp_path / "wal", Options(segment_bytes=8192, sync=SyncPolicy.NONE))
+    try:
+        yield log
+    finally:
+        log.close()
+
+
+pytestmark = pytest.mark.timeout(60)
+CONFIG: dict[str, Any] = {"stall_timeout": 300.0, "max_ack_timeout": 60.0, "ack_timeout": 30.0}
+
+# Two ordinary per-tenant queue names whose lane tags were equal when tags were 4 bytes
+# (found by counting up: i < 160,000); tags are 8 bytes now, and the test below makes
+# every tag of these two equal to see that a shared tag credits neither.
+CONSUMED, NOBODY = "tenant-76292", "tenant-156181"
+
+
+class _Same:
+    def hexdigest(self) -> str:
+        return "ab" * 8
+
+
+def _colliding(data: bytes = b"", **kwargs: Any) -> Any:
+    if b"tenant-" in data:
+        return _Same()
+    return _blake2b(data, **kwargs)
+
+
+_blake2b = hashlib.blake2b
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_duplicates_of_one_queue_never_keep_another_queue_alive(
+    wal: Wal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collide: bool
+) -> None:
+    if collide:
+        monkeypatch.setattr(hashlib, "blake2b", _colliding)
+    rig = Rig(wal, tmp_path, **CONFIG)
+    rig.append_entry(TaskSpec("t", "x.task", CONSUMED), key="a")
+    rig.steps(2)
+    done = rig.take(CONSUMED)
+    rig.append_entry(TaskSpec("t", "x.task", NOBODY), key="b")  # nobody consumes this queue
+    rig.steps(2)
+    rig.ack(done)
+    rig.steps(2)
+    for _ in range(100):  # 1000 s: the CONSUMED queue's workers run duplicates of `done`
+        rig.ack(done)
+        rig.run_for(10, every=1)
+    # Expected: NOBODY's task dead-lettered as stalled after 300 s (as with any other name).
+    assert rig.pump.stats.stalled == 1, rig.pump.stats
+    assert not rig.pump.inflight
+
+
+def test_a_backlog_of_duplicates_at_a_higher_priority_does_not_stall_the_other_priorities(
+    wal: Wal, tmp_path: Path
+) -> None:
+    """README: 'any ack of a task of that queue counts as it moving, also of a duplicate
+    copy ... so a backlog of duplicates after a pump restart is not a stalled queue'. The
+    same backlog at priority 9 (served first by a priority queue) dead-letters the
+    priority-0 task of the same, consumed, queue."""
+    rig = Rig(wal, tmp_path, **CONFIG)
+    for i in range(40):
+        rig.append_entry(TaskSpec("t", "x.task", "q", options={"priority": 9}), key=f"hi{i}")
+    rig.steps(2)
+    queue = rig.take("q")
+    rig.pump = rig.new_pump()  # restarted: the window goes again (40 duplicates)
+    rig.steps(2)
+    queue += rig.take("q")
+    rig.append_entry(TaskSpec("t", "x.task", "q"), key="lo")  # priority 0, same queue
+    rig.steps(2)
+    queue += rig.take("q")
+    for _ in range(200):  # one worker on q, highest priority first, a task every 10 s
+        if not queue:
+            break
+        queue.sort(key=lambda m: -(m.priority or 0))  # stable: FIFO within a priority
+        rig.ack([queue.pop(0)])
+        rig.run_for(10, every=1)
+        queue += rig.take("q")
+    assert rig.pump.stats.duplicate_acks >= 40
+    # Expected (README): the queue moved all along; nothing dead-lettered.
+    assert rig.pump.stats.stalled == 0 and rig.pump.stats.dead_lettered == 0, rig.pump.stats
+
+
+def test_a_backlog_of_higher_priority_tasks_does_not_stall_priority_0(
+    wal: Wal, tmp_path: Path
+) -> None:
+    """Same as above without duplicates (so not introduced by 682868e): the stall clock is
+    per (queue, priority), the README's is per queue."""
+    rig = Rig(wal, tmp_path, **CONFIG)
+    for i in range(80):
+        rig.append_entry(TaskSpec("t", "x.task", "q", options={"priority": 9}), key=f"hi{i}")
+    rig.append_entry(TaskSpec("t", "x.task", "q"), key="lo")
+    rig.steps(2)
+    queue = rig.take("q")
+    for _ in range(200):
+        if not queue:
+            break
+        queue.sort(key=lambda m: -(m.priority or 0))
+        rig.ack([queue.pop(0)])
+        rig.run_for(10, every=1)
+        queue += rig.take("q")
+    assert rig.pump.stats.stalled == 0, rig.pump.stats
+
+
+def test_a_stale_copy_without_a_queue_part_credits_no_queue(wal: Wal, tmp_path: Path) -> None:
+    """Acks of a lost record's copies named by an earlier pump ("<run>.<pub>.<record>",
+    no queue part), at the LSN a record for a queue nobody consumes now holds: the lost
+    record's task ran on some other queue, so they credit no queue."""
+    rig = Rig(wal, tmp_path, **CONFIG)
+    lsn = rig.append_entry(TaskSpec("0", "x.task", "nobody"), key="n", created=1.0)
+    rig.steps(2)
+    for i in range(100):  # 1000 s of the old copies' acks (a consumed queue's backlog)
+        rig.broker.send_ack(Ack(wal.wal_id, lsn, "0", True, None, f"0badc0de.{i + 1}.aaaaaaaaaaaa"))
+        rig.run_for(10, every=1)
+    # Stale while the record waits; once it is dead-lettered, duplicates.
+    assert rig.pump.stats.stale_acks + rig.pump.stats.duplicate_acks == 100
+    assert rig.pump.stats.stale_acks >= 30
+    assert rig.pump.stats.stalled == 1, rig.pump.stats  # "nobody": dead-lettered at 300 s
+
+
+def _dup(rig: Rig, msg: Any, copy: str | None, ok: bool = True) -> None:
+    parsed = parse_task_id(msg.task_id)
+    assert parsed is not None
+    rig.broker.send_ack(Ack(*parsed, ok=ok, error=None if ok else "boom", copy=copy))
+
+
+def test_duplicates_of_a_consumed_queue_do_not_keep_an_unconsumed_one_alive(
+    wal: Wal, tmp_path: Path
+) -> None:
+    rig = Rig(wal, tmp_path, **CONFIG)
+    rig.append(20)
+    rig.steps(2)
+    backlog = rig.take("warehouse")
+    rig.pump = rig.new_pump()  # restart: the window goes again -> duplicates on warehouse
+    rig.steps(2)
+    backlog += rig.take("warehouse")
+    for _ in range(120):  # warehouse worker drains, finance has nobody
+        if backlog:
+            rig.ack([backlog.pop(0)], ok=bool(len(backlog) % 2))  # also failure acks
+        rig.run_for(10, every=1)
+        backlog += rig.take("warehouse")
+    assert rig.pump.stats.duplicate_acks > 0
+    assert rig.pump.stats.stalled == 20, rig.pump.stats  # every finance task
+    assert not rig.pump.inflight
+
+
+ODD = [
+    "",
+    ".",
+    "...",
+    "....",
+    "a.b.c.d.e.f",
+    "x.y.z.\u00e9\u00e8",
+    "\udc80.\udc80.\udc80.\udc80",
+    "." * 200,
+    "a.1.b." + "f" * 7,
+    "a.1.b." + "f" * 9,
+    "0.0.0.0",
+    "é.².",
+]
+
+
+def test_odd_copy_strings_neither_crash_nor_credit_a_dead_queue(wal: Wal, tmp_path: Path) -> None:
+    rig = Rig(wal, tmp_path, **CONFIG)
+    rig.append(1)
+    rig.steps(2)
+    w = rig.take("warehouse")
+    rig.ack(w)
+    rig.steps(2)
+    real = w[0].copy
+    truncated = [real[:n] for n in range(len(real) + 1)]
+    extra = [real + ".x", real + "..", real.replace(".", "..")]
+    for _ in range(40):
+        for copy in ODD + truncated + extra:
+            _dup(rig, w[0], copy)
+            _dup(rig, w[0], copy, ok=False)
+        rig.run_for(10, every=1)
+    assert rig.pump.stats.stalled == 1 and not rig.pump.inflight, rig.pump.stats
+
+
+def test_a_lost_task_is_probed_once_duplicates_stop(wal: Wal, tmp_path: Path) -> None:
+    rig = Rig(wal, tmp_path, **CONFIG)
+    rig.append(1, prefix="old")
+    rig.steps(2)
+    old = rig.take("warehouse")
+    rig.ack(old)
+    rig.ack(rig.take("finance"))
+    rig.steps(2)
+    rig.append(1, prefix="new")
+    rig.steps(2)
+    rig.take("warehouse")  # lost
+    rig.ack(rig.take("finance"))
+    for _ in range(30):  # 300 s of duplicates of old: no probe needed yet
+        rig.ack(old)
+        rig.run_for(10, every=1)
+    rig.run_for(130, every=1)
+    again = rig.take("warehouse")
+    assert again, rig.pump.stats
+    rig.ack(again)
+    rig.steps(3)
+    assert not rig.pump.inflight and rig.pump.stats.dead_lettered == 0
+
+
+def test_duplicates_at_another_priority_or_queue_do_not_credit_a_lane(
+    wal: Wal, tmp_path: Path
+) -> None:
+    rig = Rig(wal, tmp_path, **CONFIG)
+    rig.append_entry(TaskSpec("a", "t", "q", options={"priority": 9}), key="a")
+    rig.append_entry(TaskSpec("b", "t", "q9"), key="b")  # a name whose repr resembles
+    rig.steps(2)
+    hi = rig.take("q")
+    rig.ack(hi)
+    rig.steps(2)
+    rig.append_entry(TaskSpec("c", "t", "nobody", options={"priority": 9}), key="c")
+    rig.steps(2)
+    for _ in range(40):
+        rig.ack(hi)
+        rig.run_for(10, every=1)
+    assert rig.pump.stats.stalled == 2, rig.pump.stats  # q9 and nobody
+
+
+def test_order_keyed_and_carried_forward_tasks_of_a_dead_queue_still_stall(
+    wal: Wal, tmp_path: Path
+) -> None:
+    rig = Rig(wal, tmp_path, carry_after=100.0, **CONFIG)
+    rig.append(1, prefix="old")
+    rig.steps(2)
+    old = rig.take("warehouse")
+    rig.ack(old)
+    rig.ack(rig.take("finance"))
+    rig.steps(2)
+    wall = rig.clock.wall()
+    for i in range(3):
+        rig.append_entry(TaskSpec("t", "x.task", "nobody"), key=f"k{i}", order_key="K")
+    rig.append_entry(TaskSpec("t", "x.task", "nobody", options={"eta": wall + 250}), key="eta")
+    rig.steps(2)
+    for _ in range(150):  # 1500 s of duplicate acks on warehouse
+        rig.ack(old)
+        rig.run_for(10, every=1)
+    assert rig.pump.stats.carried >= 1
+    assert rig.pump.stats.stalled == 4, rig.pump.stats
+    assert not rig.pump.inflight

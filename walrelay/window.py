@@ -10,8 +10,10 @@ ack or a due timer means:
   lane) and that is still unconfirmed one ack timeout later was lost: a failed
   attempt, re-sent;
 - a lane with no ack at all for ``max_ack_timeout`` gets its oldest task re-sent, one
-  per quiet period, not counted (a silent loss on an idle queue); a task whose lane
-  has not moved for ``stall_timeout`` is dead (a queue no worker consumes);
+  per quiet period, not counted (a silent loss on an idle queue); a task whose queue
+  (any of its priorities) has not moved for ``stall_timeout`` is dead (a queue no
+  worker consumes); any ack moves its queue, also one of a task no longer in the
+  window (a duplicate), by the queue tag of its copy name;
 - past its expiry a task is confirmed by the pump itself (workers drop expired tasks
   without a word); after ``max_attempts`` failed attempts it is dead.
 """

@@ -30,9 +30,6 @@ class Lane:
 class Lanes:
     def __init__(self) -> None:
         self.lanes: dict[LaneKey, Lane] = {}
-        # Last ack of any lane of a queue (its priorities): a queue that a worker
-        # consumes is not stalled because its lower priorities wait behind higher ones.
-        self.queues: dict[str, float] = {}
 
     def get(self, key: LaneKey, now: float) -> Lane:
         lane = self.lanes.get(key)
@@ -54,7 +51,7 @@ class Lanes:
     def confirmed(self, key: LaneKey, copy: int | None, now: float) -> None:
         """The workers finished (or failed) a task of this lane: copy ``copy`` if known."""
         lane = self.get(key, now)
-        lane.moved_at = self.queues[key[0]] = now
+        lane.moved_at = now
         if copy is not None and copy > lane.progress:
             lane.progress = copy
 
@@ -66,5 +63,3 @@ class Lanes:
         """After a broker outage: the time it was down is no evidence against a queue."""
         for lane in self.lanes.values():
             lane.moved_at = max(lane.moved_at, now)
-        for queue in self.queues:
-            self.queues[queue] = max(self.queues[queue], now)

@@ -10,10 +10,10 @@ ack or a due timer means:
   lane) and that is still unconfirmed one ack timeout later was lost: a failed
   attempt, re-sent;
 - a lane with no ack at all for ``max_ack_timeout`` gets its oldest task re-sent, one
-  per quiet period, not counted (a silent loss on an idle queue); a task whose queue
-  (any of its priorities) has not moved for ``stall_timeout`` is dead (a queue no
-  worker consumes); any ack moves its queue, also one of a task no longer in the
-  window (a duplicate), by the queue tag of its copy name;
+  per quiet period, not counted (a silent loss on an idle queue); a task whose lane
+  has not moved for ``stall_timeout`` is dead (a queue, or a priority of it, no worker
+  consumes); any ack moves its lane, also one of a task no longer in the window (a
+  duplicate), by the lane tag of its copy name;
 - past its expiry a task is confirmed by the pump itself (workers drop expired tasks
   without a word); after ``max_attempts`` failed attempts it is dead.
 """
@@ -345,8 +345,7 @@ class Window:
                 return self._lost(flight, target)
             self.timers.push(target.passed_at + cfg.ack_timeout, flight.identity, target)
             return False
-        moved = max(lane.moved_at, self.lanes.queues.get(target.lane[0], 0.0))
-        stalled_since = max(moved, target.first_published)
+        stalled_since = max(lane.moved_at, target.first_published)
         if now - stalled_since >= cfg.stall_timeout:
             self.stats.stalled += 1
             target.error = (f"queue {target.spec.queue!r} did not move for "

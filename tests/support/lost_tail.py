@@ -22,3 +22,26 @@ def make(wal_dir: Path) -> Relay:
 def run_repair(wal_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "walstore.cli", "repair", str(wal_dir)],
                           capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
+# For the pump's lost-tail tests (tests/walrelay/test_pump_*): a log of small segments,
+# its newest segment lost and repaired as an operator would.
+SMALL_PUMP = Options(segment_bytes=8192, sync=SyncPolicy.NONE, min_free_bytes=0)
+
+
+def repair_accepting_loss(wal_dir: Path) -> None:
+    done = run_repair(wal_dir)
+    assert done.returncode == 0 and "LOST" in done.stdout, done.stdout + done.stderr
+
+
+def lose_newest(wal_dir: Path) -> int:
+    """Delete the newest segment of the (closed) log and repair it; returns its first LSN,
+    the first one handed out again."""
+    newest = sorted(wal_dir.glob("*.seg"))[-1]
+    newest.unlink()
+    repair_accepting_loss(wal_dir)
+    return int(newest.stem)
+
+
+def task_lsn(task_id: str) -> int:
+    return int(task_id.split("-")[1])

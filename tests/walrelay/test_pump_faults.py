@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +15,12 @@ from tests.support.pumprig import FlakyReader, Rig
 from walrelay.deadletters import DeadLetter
 from walrelay.policy import TaskPolicy
 from walrelay.record import TaskSpec, decode, task_id
-from walstore import CorruptLogError, Options, SyncPolicy, Wal
+from walstore import CorruptLogError, Wal
 from walstore.format import SEGMENT_SUFFIX
 
 pytestmark = pytest.mark.timeout(60)
 
 TASKS = frozenset({"tasks.warehouse.reserve_stock", "tasks.finance.record_revenue"})
-
-
-@pytest.fixture
-def wal(tmp_path: Path) -> Iterator[Wal]:
-    log = Wal.open(tmp_path / "wal", Options(segment_bytes=8192, sync=SyncPolicy.NONE))
-    try:
-        yield log
-    finally:
-        log.close()
 
 
 def lwm_history(rig: Rig, steps: int) -> list[int]:

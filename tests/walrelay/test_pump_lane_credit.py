@@ -6,7 +6,6 @@ priority: a priority no worker reads is dead-lettered, whatever its other priori
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,7 @@ import pytest
 from tests.support.pumprig import Rig
 from walrelay.broker import Ack
 from walrelay.record import TaskSpec, parse_task_id
-from walstore import Options, SyncPolicy, Wal
-
-
-@pytest.fixture
-def wal(tmp_path: Path) -> Iterator[Wal]:
-    log = Wal.open(tmp_path / "wal", Options(segment_bytes=8192, sync=SyncPolicy.NONE))
-    try:
-        yield log
-    finally:
-        log.close()
-
+from walstore import Wal
 
 pytestmark = pytest.mark.timeout(60)
 CONFIG: dict[str, Any] = {"stall_timeout": 300.0, "max_ack_timeout": 60.0, "ack_timeout": 30.0}

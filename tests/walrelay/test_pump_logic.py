@@ -3,7 +3,6 @@ fake clock: windowing, acks out of order, redelivery, dead letters, the watermar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,9 @@ import pytest
 from tests.support.pumprig import Rig
 from walrelay.broker import Ack
 from walrelay.record import Entry, TaskSpec, decode, task_id
-from walstore import Options, SyncPolicy, Wal
+from walstore import Wal
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def wal(tmp_path: Path) -> Iterator[Wal]:
-    log = Wal.open(tmp_path / "wal", Options(segment_bytes=8192, sync=SyncPolicy.NONE))
-    try:
-        yield log
-    finally:
-        log.close()
 
 
 @pytest.fixture

@@ -13,22 +13,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.lost_tail import SMALL_PUMP, lose_newest, repair_accepting_loss, task_lsn
 from tests.support.pumprig import Rig
 from walrelay.broker import Ack
-from walstore import Options, SyncPolicy, Wal
+from walstore import Wal
 
 pytestmark = pytest.mark.timeout(60)
-SMALL = Options(segment_bytes=8192, sync=SyncPolicy.NONE, min_free_bytes=0)
-
-
-def _repair(wal_dir: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "walstore.cli", "repair", str(wal_dir)],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert done.returncode == 0 and "LOST" in done.stdout, done.stdout + done.stderr
-
-
-def _lsn(task_id: str) -> int:
-    return int(task_id.split("-")[1])
+SMALL = SMALL_PUMP
 
 
 def test_acks_of_lost_records_do_not_confirm_the_records_that_took_their_lsns(
@@ -41,10 +32,7 @@ def test_acks_of_lost_records_do_not_confirm_the_records_that_took_their_lsns(
     rig.steps(3)
     before = rig.take("warehouse") + rig.take("finance")  # published, never acked
     wal.close()
-    newest = sorted(wal_dir.glob("*.seg"))[-1]
-    lost_from = int(newest.stem)
-    newest.unlink()
-    _repair(wal_dir)
+    lost_from = lose_newest(wal_dir)
 
     wal = Wal.open(wal_dir, SMALL)
     try:
@@ -54,9 +42,9 @@ def test_acks_of_lost_records_do_not_confirm_the_records_that_took_their_lsns(
         assert new[0] == lost_from  # the lost LSNs are handed out again
         rig.steps(3)
         published = rig.take("warehouse") + rig.take("finance")
-        fresh = [m for m in published if _lsn(m.task_id) in new]
+        fresh = [m for m in published if task_lsn(m.task_id) in new]
         assert len(fresh) == 10
-        stale = [m for m in before if _lsn(m.task_id) in new]
+        stale = [m for m in before if task_lsn(m.task_id) in new]
         assert {m.task_id for m in stale} == {m.task_id for m in fresh}  # same ids
         rig.ack(stale)  # a worker ran the lost records' messages
         rig.steps(3)
@@ -82,16 +70,13 @@ def test_acks_of_records_below_the_loss_still_confirm_them(tmp_path: Path) -> No
     rig.steps(3)
     before = rig.take("warehouse") + rig.take("finance")
     wal.close()
-    newest = sorted(wal_dir.glob("*.seg"))[-1]
-    lost_from = int(newest.stem)
-    newest.unlink()
-    _repair(wal_dir)
+    lost_from = lose_newest(wal_dir)
 
     wal = Wal.open(wal_dir, SMALL)
     try:
         rig = Rig(wal, tmp_path)
         rig.steps(3)
-        kept = [m for m in before if _lsn(m.task_id) < lost_from]
+        kept = [m for m in before if task_lsn(m.task_id) < lost_from]
         assert kept
         rig.ack(kept)
         rig.steps(3)
@@ -115,13 +100,13 @@ def test_odd_copy_names_do_not_crash_the_pump(tmp_path: Path, copy: str, stale: 
     Rig(wal, tmp_path).append(60)
     wal.close()
     sorted(wal_dir.glob("*.seg"))[-1].unlink()
-    _repair(wal_dir)
+    repair_accepting_loss(wal_dir)
     wal = Wal.open(wal_dir, SMALL)
     try:
         rig = Rig(wal, tmp_path)
         [lsn] = rig.append(1)
         rig.steps(3)
-        published = [m for m in rig.take("warehouse") if _lsn(m.task_id) == lsn]
+        published = [m for m in rig.take("warehouse") if task_lsn(m.task_id) == lsn]
         assert len(published) == 1
         rig.broker.send_ack(Ack(wal.wal_id, lsn, "warehouse", ok=True, copy=copy or None))
         rig.steps(3)
@@ -131,11 +116,6 @@ def test_odd_copy_names_do_not_crash_the_pump(tmp_path: Path, copy: str, stale: 
 
 
 # From the review of 2026-11-30: repeated losses, a damaged or removed LOSSES, a backlog.
-def _lose_newest(wal_dir: Path) -> int:
-    newest = sorted(wal_dir.glob("*.seg"))[-1]
-    newest.unlink()
-    _repair(wal_dir)
-    return int(newest.stem)
 
 
 def test_second_loss_at_the_same_lsn_still_makes_earlier_copies_stale(tmp_path: Path) -> None:
@@ -143,7 +123,7 @@ def test_second_loss_at_the_same_lsn_still_makes_earlier_copies_stale(tmp_path: 
     wal = Wal.open(wal_dir, SMALL)
     Rig(wal, tmp_path).append(60)  # several 8 KiB segments
     wal.close()
-    first_loss = _lose_newest(wal_dir)  # loss 1
+    first_loss = lose_newest(wal_dir)  # loss 1
 
     wal = Wal.open(wal_dir, SMALL)
     rig = Rig(wal, tmp_path)  # pump P2 (after loss 1)
@@ -151,9 +131,9 @@ def test_second_loss_at_the_same_lsn_still_makes_earlier_copies_stale(tmp_path: 
     assert second[0] == first_loss
     rig.steps(3)
     p2_copies = rig.take("warehouse") + rig.take("finance")  # published, never acked
-    assert {_lsn(m.task_id) for m in p2_copies} >= set(second)
+    assert {task_lsn(m.task_id) for m in p2_copies} >= set(second)
     wal.close()
-    again = _lose_newest(wal_dir)  # loss 2: P2's records are gone too
+    again = lose_newest(wal_dir)  # loss 2: P2's records are gone too
     assert again == first_loss
 
     wal = Wal.open(wal_dir, SMALL)
@@ -163,8 +143,8 @@ def test_second_loss_at_the_same_lsn_still_makes_earlier_copies_stale(tmp_path: 
         assert third == second
         rig.steps(3)
         fresh = [m for m in rig.take("warehouse") + rig.take("finance")
-                 if _lsn(m.task_id) in third]  # fmt: skip
-        stale = [m for m in p2_copies if _lsn(m.task_id) in third]
+                 if task_lsn(m.task_id) in third]  # fmt: skip
+        stale = [m for m in p2_copies if task_lsn(m.task_id) in third]
         assert {m.task_id for m in stale} == {m.task_id for m in fresh}
         rig.ack(stale)  # workers ran P2's copies of the records lost in loss 2
         rig.steps(3)
@@ -184,21 +164,21 @@ def test_losses_damaged_with_a_loss_still_makes_earlier_copies_stale(tmp_path: P
     wal = Wal.open(wal_dir, SMALL)
     Rig(wal, tmp_path).append(60)
     wal.close()
-    _lose_newest(wal_dir)  # loss 1
+    lose_newest(wal_dir)  # loss 1
     wal = Wal.open(wal_dir, SMALL)
     Rig(wal, tmp_path).append(60, prefix="b")
     wal.close()
-    _lose_newest(wal_dir)  # loss 2 (a later LSN)
+    lose_newest(wal_dir)  # loss 2 (a later LSN)
     wal = Wal.open(wal_dir, SMALL)
     assert len(wal.lost_tails()) == 2
     rig = Rig(wal, tmp_path)  # pump P3: copies named "2:..."
     new = rig.append(40, prefix="c")
     rig.steps(3)
     p3_copies = rig.take("warehouse") + rig.take("finance")
-    assert {_lsn(m.task_id) for m in p3_copies} >= set(new)
+    assert {task_lsn(m.task_id) for m in p3_copies} >= set(new)
     wal.close()
     (wal_dir / "LOSSES").write_bytes(b"\x00garbage")  # the same incident damaged LOSSES
-    lost_from = _lose_newest(wal_dir)  # loss 3
+    lost_from = lose_newest(wal_dir)  # loss 3
 
     wal = Wal.open(wal_dir, SMALL)
     try:
@@ -206,7 +186,7 @@ def test_losses_damaged_with_a_loss_still_makes_earlier_copies_stale(tmp_path: P
         fourth = rig.append(5, prefix="d")
         assert fourth[0] == lost_from
         rig.steps(3)
-        stale = [m for m in p3_copies if _lsn(m.task_id) in fourth]
+        stale = [m for m in p3_copies if task_lsn(m.task_id) in fourth]
         assert stale
         rig.ack(stale)  # workers ran P3's copies of records lost in loss 3
         rig.steps(3)
@@ -277,7 +257,7 @@ def test_losses_removed_after_a_repair_still_makes_earlier_copies_stale(tmp_path
     rig.steps(3)
     before = rig.take("warehouse")
     wal.close()
-    _lose_newest(wal_dir)
+    lose_newest(wal_dir)
     (wal_dir / "LOSSES").unlink()
     wal = Wal.open(wal_dir, SMALL)
     try:
@@ -285,7 +265,7 @@ def test_losses_removed_after_a_repair_still_makes_earlier_copies_stale(tmp_path
         rig = Rig(wal, tmp_path)
         new = rig.append(5)
         rig.steps(3)
-        stale = [m for m in before if _lsn(m.task_id) in new]
+        stale = [m for m in before if task_lsn(m.task_id) in new]
         assert stale
         rig.ack(stale)
         rig.steps(3)

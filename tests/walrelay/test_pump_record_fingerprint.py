@@ -4,35 +4,17 @@ records of format version 1, odd send times, a restarted pump, a carried record.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.targets import TARGETS, TASK_NAMES
+from tests.support.lost_tail import SMALL_PUMP, lose_newest, task_lsn
 from tests.support.pumprig import Rig, purchase
-from walstore import Options, SyncPolicy, Wal
+from walstore import Wal
 
 pytestmark = pytest.mark.timeout(60)
-SMALL = Options(segment_bytes=8192, sync=SyncPolicy.NONE, min_free_bytes=0)
-
-
-def _repair(wal_dir: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "walstore.cli", "repair", str(wal_dir)],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert done.returncode == 0 and "LOST" in done.stdout, done.stdout + done.stderr
-
-
-def _lose_newest(wal_dir: Path) -> int:
-    newest = sorted(wal_dir.glob("*.seg"))[-1]
-    newest.unlink()
-    _repair(wal_dir)
-    return int(newest.stem)
-
-
-def _lsn(task_id: str) -> int:
-    return int(task_id.split("-")[1])
+SMALL = SMALL_PUMP
 
 
 def _v1_payload(pid: str) -> bytes:
@@ -66,7 +48,7 @@ def test_acks_of_a_lost_v1_record_do_not_confirm_the_v2_record_at_its_lsn(
     before = rig.take("warehouse") + rig.take("finance")  # published by THIS release's pump
     assert before and all(m.copy.count(".") >= 2 for m in before)
     wal.close()
-    lost_from = _lose_newest(wal_dir)
+    lost_from = lose_newest(wal_dir)
 
     wal = Wal.open(wal_dir, SMALL)
     try:
@@ -74,8 +56,10 @@ def test_acks_of_a_lost_v1_record_do_not_confirm_the_v2_record_at_its_lsn(
         new = rig.append(5, prefix="new")  # v2, as relay.send writes today
         assert new[0] == lost_from
         rig.steps(3)
-        fresh = [m for m in rig.take("warehouse") + rig.take("finance") if _lsn(m.task_id) in new]
-        stale = [m for m in before if _lsn(m.task_id) in new]
+        fresh = [
+            m for m in rig.take("warehouse") + rig.take("finance") if task_lsn(m.task_id) in new
+        ]
+        stale = [m for m in before if task_lsn(m.task_id) in new]
         assert {m.task_id for m in stale} == {m.task_id for m in fresh}  # same task ids
         rig.ack(stale)  # workers ran the lost v1 records' messages
         rig.steps(3)
@@ -166,7 +150,7 @@ def test_a_carried_record_is_confirmed_by_its_own_copies(tmp_path: Path) -> None
         assert rig.pump.stats.carried == 1
         rig.run_for(600, every=1)
         msgs = rig.take("warehouse")
-        assert msgs and all(_lsn(m.task_id) == lsn for m in msgs)
+        assert msgs and all(task_lsn(m.task_id) == lsn for m in msgs)
         rig.ack(msgs[-1:])
         rig.steps(3)
         assert (rig.pump.stats.acked, rig.pump.stats.stale_acks) == (1, 0)

@@ -4,7 +4,6 @@ pump (durably, carried forward when long), order keys, and version-1 records rep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,9 @@ import pytest
 
 from tests.support.pumprig import WALL_START, Rig
 from walrelay.record import TaskSpec, decode, task_id
-from walstore import Options, SyncPolicy, Wal
+from walstore import Wal
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def wal(tmp_path: Path) -> Iterator[Wal]:
-    log = Wal.open(tmp_path / "wal", Options(segment_bytes=8192, sync=SyncPolicy.NONE))
-    try:
-        yield log
-    finally:
-        log.close()
 
 
 def spec(target: str = "t", queue: str = "q", **options: Any) -> TaskSpec:

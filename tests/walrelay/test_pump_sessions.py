@@ -6,7 +6,6 @@ unconfirmed task has a copy queued in the broker once the pump has looked at it 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from walstore import Options, SyncPolicy, Wal
 
 pytestmark = pytest.mark.timeout(120)
 NO_TIMER = 1e9  # ack timeouts: sessions only, no suspicions
-
-
-@pytest.fixture
-def wal(tmp_path: Path) -> Iterator[Wal]:
-    log = Wal.open(tmp_path / "wal", Options(segment_bytes=8192, sync=SyncPolicy.NONE))
-    try:
-        yield log
-    finally:
-        log.close()
 
 
 @pytest.fixture

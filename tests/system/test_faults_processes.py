@@ -29,6 +29,7 @@ from tests.support.faultkit import (
     paused,
     report,
     running_pipeline,
+    slow_on,
 )
 from tests.support.stack import wait_until
 from tools.brokers import KINDS
@@ -91,6 +92,7 @@ def record_slow(pipe: Pipeline, purchase_id: str, when: str) -> tuple[str, int, 
     return found
 
 
+@slow_on("sentinel")  # Redis underneath: the broker cases cover its failover
 @pytest.mark.timeout(150)
 def test_pump_killed_mid_stream_and_restarted(pipe: Pipeline) -> None:
     producers = Producers(pipe.stack, "pump-", count=3, rate=8).start()
@@ -119,6 +121,7 @@ def test_pump_killed_mid_stream_and_restarted(pipe: Pipeline) -> None:
            duplicates=sum(result.duplicates.values()))  # fmt: skip
 
 
+@slow_on("sentinel")  # Redis underneath: the broker cases cover its failover
 @pytest.mark.timeout(150)
 def test_a_pool_process_killed_mid_task(pipe: Pipeline) -> None:
     redis_only(pipe)
@@ -145,6 +148,7 @@ def test_a_pool_process_killed_mid_task(pipe: Pipeline) -> None:
            duplicates=sum(result.duplicates.values()))  # fmt: skip
 
 
+@slow_on("sentinel")  # Redis underneath: the broker cases cover its failover
 @pytest.mark.timeout(150)
 def test_a_worker_main_process_killed_mid_task(pipe: Pipeline) -> None:
     producers = Producers(pipe.stack, "main-", count=3, rate=5).start()
@@ -179,6 +183,7 @@ def test_a_worker_main_process_killed_mid_task(pipe: Pipeline) -> None:
            duplicates=sum(result.duplicates.values()))  # fmt: skip
 
 
+@slow_on("sentinel")  # Redis underneath: the broker cases cover its failover
 @pytest.mark.timeout(150)
 def test_producers_killed_mid_append(pipe: Pipeline) -> None:
     redis_only(pipe)

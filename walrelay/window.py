@@ -25,6 +25,7 @@ import heapq
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import settings
 from .admission import NO_OPTIONS, TaskOptions, message_for
@@ -117,6 +118,10 @@ class InFlight:
     first_sent: float
     targets: dict[str, TargetState]
     dead: dict[str, TargetState] = field(default_factory=dict)
+    record: str = field(init=False)  # fingerprint(entry): the record part of copy names
+
+    def __post_init__(self) -> None:
+        self.record = fingerprint(self.entry)
 
 
 @dataclass
@@ -206,8 +211,7 @@ class Window:
         # another that had its LSN before a loss of the end of the log; the lane part
         # says which queue an ack of a task no longer in the window came from (see
         # apply_acks).
-        record, lane = fingerprint(flight.entry), self._tag(target.lane)
-        copy = f"{self.run_id}.{self._pub_seq}.{record}.{lane}"
+        copy = f"{self.run_id}.{self._pub_seq}.{flight.record}.{self._tag(target.lane)}"
         return message_for(self.wal_id, flight.identity, target.spec, copy, target.options)
 
     def _due(self, target: TargetState, now: float, due: float) -> float:
@@ -241,20 +245,22 @@ class Window:
     # ---------------------------------------------------------------- acks
     def apply_acks(self, acks: Iterable[Ack], now: float) -> None:
         for ack in acks:
+            name = CopyName.parse(ack.copy)
             flight = self.flights.get(ack.lsn) if ack.wal_id == self.wal_id else None
             target = flight.targets.get(ack.target) if flight is not None else None
             if flight is None or target is None or not target.published:
                 self.stats.duplicate_acks += 1
-                self._moved(ack, now)  # a duplicate: its queue moves all the same
+                self._moved(name, now)  # a duplicate: its queue moves all the same
                 continue
-            if _stale(ack, flight.entry):
+            if name.record and name.record != flight.record:
                 # A worker ran a copy of a record that had this LSN (and so these task
                 # ids) before ``walstore repair`` accepted a lost end of the log: not
-                # this record's task. Its queue is moving, though.
+                # this record's task. Its queue is moving, though. (A name without the
+                # record part, from an older worker or pump, cannot tell: it counts.)
                 self.stats.stale_acks += 1
-                self._moved(ack, now)
+                self._moved(name, now)
                 continue
-            copy = self._copy_of(ack, target)
+            copy = self._copy_of(name, target)
             # Without a copy name the ack is some copy of the task, so at least its
             # first: the least progress it can mean (none if an earlier pump sent it).
             evidence = copy if copy is not None else (
@@ -275,21 +281,19 @@ class Window:
             self._tagged_lanes[tag] = None if tag in self._tagged_lanes else lane
         return tag
 
-    def _moved(self, ack: Ack, now: float) -> None:
-        """A worker finished a task of the queue ``ack``'s copy name says that is no
-        evidence of any copy (a duplicate, a lost record's copy): the queue moves, and a
-        backlog of such tasks is not a queue nobody consumes. A name without that part
-        (an older pump's) says nothing."""
-        parts = (ack.copy or "").split(".")
-        lane = self._tagged_lanes.get(parts[3]) if len(parts) >= 4 else None
+    def _moved(self, name: CopyName, now: float) -> None:
+        """A worker finished a task of the queue the copy name tags, with no evidence of
+        any copy (a duplicate, a lost record's copy): the queue moves, and a backlog of
+        such tasks is not a queue nobody consumes. A name without that part (an older
+        pump's) says nothing."""
+        lane = self._tagged_lanes.get(name.lane) if name.lane else None
         if lane is not None and lane in self.lanes.lanes:
             self.lanes.confirmed(lane, None, now)
 
-    def _copy_of(self, ack: Ack, target: TargetState) -> int | None:
-        """The copy number ``ack`` names, if this pump published it for ``target``."""
-        run, _, rest = (ack.copy or "").partition(".")
-        copy = _number(rest.partition(".")[0])
-        if run != self.run_id or copy is None:
+    def _copy_of(self, name: CopyName, target: TargetState) -> int | None:
+        """The copy number the ack names, if this pump published it for ``target``."""
+        copy = name.number
+        if name.run != self.run_id or copy is None:
             return None
         return copy if target.first_seq <= copy <= target.pub_seq else None
 
@@ -393,12 +397,20 @@ def fingerprint(entry: Entry) -> str:
     return hashlib.blake2b(basis, digest_size=6).hexdigest()
 
 
-def _stale(ack: Ack, entry: Entry) -> bool:
-    """Whether ``ack`` names a copy of another record than ``entry`` (one lost with the
-    end of the log, whose LSN ``entry`` took). An ack without that part (a worker or a
-    pump of an older release) cannot tell: it counts."""
-    parts = (ack.copy or "").split(".")
-    return len(parts) >= 3 and parts[2] != "" and parts[2] != fingerprint(entry)
+class CopyName(NamedTuple):
+    """An ack's copy name (COPY_HEADER, as the worker echoed it), in its parts:
+    "<run>.<publication>.<record>.<lane>"; "" (or None) for a part it lacks."""
+
+    run: str
+    number: int | None
+    record: str
+    lane: str
+
+    @classmethod
+    def parse(cls, copy: str | None) -> CopyName:
+        parts = (copy or "").split(".")
+        parts += [""] * (4 - len(parts))
+        return cls(parts[0], _number(parts[1]), parts[2], parts[3])
 
 
 def _number(text: str) -> int | None:

@@ -137,14 +137,20 @@ def test_odd_copy_strings_neither_crash_nor_credit_a_dead_queue(wal: Wal, tmp_pa
     assert rig.pump.stats.stalled == 1 and not rig.pump.inflight, rig.pump.stats
 
 
-def test_a_lost_task_is_probed_once_duplicates_stop(wal: Wal, tmp_path: Path) -> None:
-    rig = Rig(wal, tmp_path, **CONFIG)
+def _confirmed(rig: Rig) -> list[Any]:
+    """One record published and confirmed; its warehouse copies (to ack again later)."""
     rig.append(1, prefix="old")
     rig.steps(2)
     old = rig.take("warehouse")
     rig.ack(old)
     rig.ack(rig.take("finance"))
     rig.steps(2)
+    return old
+
+
+def test_a_lost_task_is_probed_once_duplicates_stop(wal: Wal, tmp_path: Path) -> None:
+    rig = Rig(wal, tmp_path, **CONFIG)
+    old = _confirmed(rig)
     rig.append(1, prefix="new")
     rig.steps(2)
     rig.take("warehouse")  # lost
@@ -182,12 +188,7 @@ def test_order_keyed_and_carried_forward_tasks_of_a_dead_queue_still_stall(
     wal: Wal, tmp_path: Path
 ) -> None:
     rig = Rig(wal, tmp_path, carry_after=100.0, **CONFIG)
-    rig.append(1, prefix="old")
-    rig.steps(2)
-    old = rig.take("warehouse")
-    rig.ack(old)
-    rig.ack(rig.take("finance"))
-    rig.steps(2)
+    old = _confirmed(rig)
     wall = rig.clock.wall()
     for i in range(3):
         rig.append_entry(TaskSpec("t", "x.task", "nobody"), key=f"k{i}", order_key="K")

@@ -25,6 +25,10 @@ Crashes. The WAL record holds its key and is the truth; the index is a cache of 
   Residual window: a key whose row was lost *and* whose record the pump had already
   pruned (its whole segment confirmed) in the seconds before the power cut can be sent
   again. Elsewhere than Linux there is no boot id and no such rebuild.
+- A lost end of the log (``walstore repair`` accepted it, ``LOSSES``): rows naming LSNs
+  from there on are dropped, and so are the rows of records the pump had carried forward
+  there (``carried``: the pump notes each move; the row keeps the first LSN, which names
+  the tasks), so those keys are sent anew.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ _SCHEMA = (
     " lsn INTEGER NOT NULL, task_ids TEXT NOT NULL, created REAL NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS keys_created ON keys (created)",
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # Where the pump carried a keyed record forward (its row keeps the first LSN, which
+    # names its tasks): a lost tail that took the carried copy took the record.
+    "CREATE TABLE IF NOT EXISTS carried (key TEXT PRIMARY KEY, origin INTEGER NOT NULL,"
+    " at INTEGER NOT NULL) WITHOUT ROWID",
 )
 
 
@@ -77,6 +85,7 @@ _UPSERT_NEWER = (
     " digest = excluded.digest, lsn = excluded.lsn, task_ids = excluded.task_ids,"
     " created = excluded.created WHERE excluded.created > keys.created"
 )
+_NOTE_CARRIED = "INSERT OR REPLACE INTO carried VALUES (?, ?, ?)"
 
 
 def digest(entry: Entry, arguments: str | None = None) -> str:
@@ -185,8 +194,15 @@ class KeyIndex:
             self._db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?)", row)
 
     def _purge(self, oldest: float) -> None:
-        with self._db_lock, self._writer():
+        with self._writing():
             self._db.execute("DELETE FROM keys WHERE created <= ?", (oldest,))
+            self._db.execute("DELETE FROM carried WHERE key NOT IN (SELECT key FROM keys)")
+
+    def note_carried(self, moves: list[tuple[str, int, int]]) -> None:
+        """The pump carried these keyed records forward: (key, origin LSN, new LSN)."""
+        if moves:
+            with self._writing():
+                self._db.executemany(_NOTE_CARRIED, moves)
 
     # ---------------------------------------------------------------- locks and slots
     @contextlib.contextmanager
@@ -281,7 +297,16 @@ class KeyIndex:
             fresh = tails[common:] or tails
             with self._writing():
                 if fresh:
-                    self._db.execute("DELETE FROM keys WHERE lsn >= ?", (min(fresh),))
+                    lost = min(fresh)
+                    # And the keys whose record's carried copy was lost: the original
+                    # was released once the copy was written.
+                    self._db.execute(
+                        "DELETE FROM keys WHERE lsn >= ? OR EXISTS (SELECT 1 FROM carried c"
+                        " WHERE c.key = keys.key AND c.origin = keys.lsn AND c.at >= ?)",
+                        (lost, lost),
+                    )
+                    self._db.execute("DELETE FROM carried WHERE at >= ? OR origin >= ?",
+                                     (lost, lost))  # fmt: skip
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('lost_tails', ?)",
                                  (json.dumps(tails),))  # fmt: skip
             if fresh:
@@ -309,6 +334,7 @@ class KeyIndex:
         end = wal.sync()  # what a dead sender wrote becomes durable (or never will)
         start = max(scan_from, wal.first_lsn())
         rows: dict[str, tuple[Any, ...]] = {}
+        moves: dict[str, tuple[str, int, int]] = {}  # key -> its newest carried copy
         if start < end:
             for lsn, payload in wal.iter_from(start):
                 if lsn >= end:
@@ -323,6 +349,8 @@ class KeyIndex:
                     continue  # unkeyed, or version 1 (sent before there was an index)
                 if key_hash is not None and _hash(key) != key_hash:
                     continue
+                if entry.origin is not None:
+                    moves[key] = (key, entry.origin, lsn)
                 if key in rows and rows[key][4] >= created:
                     continue  # the same send again (replay, carried forward): keep the first
                 receipt = receipt_of(wal.wal_id, lsn, entry)
@@ -330,11 +358,12 @@ class KeyIndex:
                              created)  # fmt: skip
         oldest = -1.0 if window is None else time.time() - window
         live = [r for r in rows.values() if r[4] > oldest]
-        if live:
+        if live or moves:
             with self._writing():
                 # A row of the same send (or a later one) was inserted by its sender: it
                 # stays; an expired row of an earlier send is replaced.
                 self._db.executemany(_UPSERT_NEWER, live)
+                self._db.executemany(_NOTE_CARRIED, list(moves.values()))
 
     def close(self) -> None:
         self.closed = True

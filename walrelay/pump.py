@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from .admission import EXPIRED, HOLD, REFUSED, Decision, Policy, decide
 from .broker import Publisher
 from .deadletters import DeadLetter, DeadLetterStore
 from .errors import BadRecordError, BrokerUnavailableError
+from .keys import index_for
 from .parking import Parked, Parking
 from .pumpstats import PumpStats, log_progress
 from .reading import LogCursor
@@ -285,20 +287,35 @@ class Pump:
         if not held:
             return
         try:
-            payloads = [
-                dataclasses.replace(decode(p.payload), origin=p.identity).encode() for p in held
-            ]
-            lsns = self.wal.append_batch(payloads)
+            entries = [dataclasses.replace(decode(p.payload), origin=p.identity) for p in held]
+            lsns = self.wal.append_batch([e.encode() for e in entries])
         except (WalError, OSError, BadRecordError) as exc:
             logger.error("pump: cannot carry %d held record(s) forward: %s", len(held), exc)
             self._next_carry = now + 10.0
             return
+        moved = zip(held, entries, lsns, strict=True)
+        self._note_carried([(e.key, p.identity, new) for p, e, new in moved
+                            if e.key and e.created is not None])  # fmt: skip
         for p, new in zip(held, lsns, strict=True):
             self.parking.remove(p.identity)
             self.pending.pop(p.lsn, None)
             logger.debug("pump: entry %d carried forward from LSN %d to %d", p.identity, p.lsn,
                          new)  # fmt: skip
         self.stats.carried += len(held)
+
+    def _note_carried(self, moves: list[tuple[str, int, int]]) -> None:
+        """Tell the key index where keyed records (key, first LSN, new LSN) now live, so
+        that losing the end of the log with their copies frees their keys (their
+        originals are released next). Version-1 records were never indexed."""
+        if not moves:
+            return
+        try:
+            index_for(self.wal).note_carried(moves)
+        except (sqlite3.Error, WalError, OSError) as exc:
+            # Only a later loss of the log's end can matter: then these keys still answer
+            # with their first receipt.
+            logger.error("pump: cannot note %d carried key(s) in the key index: %s",
+                         len(moves), exc)  # fmt: skip
 
     # ---------------------------------------------------------------- publishing
     def _publish(self, sends: list[Send], resend: bool = False) -> None:

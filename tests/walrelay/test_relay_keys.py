@@ -93,11 +93,13 @@ def test_a_key_is_forgotten_after_the_window_and_purged(tmp_path: Path) -> None:
         again = short.send(reserve.s(2), key="k")  # other tasks: fine, the key expired
         assert (first.lsn, again.lsn) == (0, 1)
         index = keys.index_for(short.wal())
+        index.note_carried([("k", 1, 5)])  # the pump carried it forward
         index._next_purge = 0.0  # purge on the next keyed send
         time.sleep(0.4)
         short.send(reserve.s(3), key="other")
-        rows = sqlite3.connect(tmp_path / "wal" / keys.DB_NAME).execute("SELECT key FROM keys")
-        assert [r[0] for r in rows] == ["other"]
+        db = sqlite3.connect(tmp_path / "wal" / keys.DB_NAME)
+        assert [r[0] for r in db.execute("SELECT key FROM keys")] == ["other"]
+        assert db.execute("SELECT count(*) FROM carried").fetchone() == (0,)  # with its key
     finally:
         short.close()
 

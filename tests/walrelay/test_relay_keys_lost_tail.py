@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.lost_tail import make, run_repair
 from tests.walrelay.shop_tasks import reserve
+from walrelay.keys import index_for
 from walrelay.record import decode
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,3 +65,54 @@ def test_an_index_that_saw_more_losses_than_losses_now_names_still_opens(
         assert relay.send(reserve.s("k"), key="k") == first
     finally:
         relay.close()
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["noted-by-the-pump", "index-rebuilt"])
+def test_a_key_whose_carried_copy_was_lost_with_the_tail_is_sent_again(
+    tmp_path: Path, rebuilt: bool
+) -> None:
+    """A keyed send with a long countdown: the pump carries its record forward and the
+    original's segment is pruned; then the end of the log, holding the carried copy, is
+    lost and repair accepts it. The task is gone from the log, so a retry of the key must
+    append it again, as for any record lost with the tail. ``rebuilt``: the index was
+    built anew from the log after the carry (as after a reboot), not told by the pump."""
+    from tests.support.pumprig import Rig
+
+    wal_dir = tmp_path / "wal"
+    relay = make(wal_dir)
+    first = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
+    for i in range(60):
+        relay.send(reserve.s(f"filler-{i}"))
+    wal = relay.wal()
+    rig = Rig(wal, tmp_path, carry_after=100.0)
+    rig.drain()  # the fillers are confirmed; the reminder is held for its countdown
+    rig.run_for(150)  # carried forward to the end of the log; the original released
+    assert rig.pump.stats.carried == 1
+    rig.pump.checkpoint(force=True)
+    carried = [lsn for lsn, p in wal.iter_from(wal.first_lsn()) if decode(p).key == "remind"]
+    assert wal.first_lsn() > first.lsn and carried and carried[0] > first.lsn
+    relay.close()
+    if rebuilt:
+        for path in wal_dir.glob("keys.sqlite3*"):
+            path.unlink()
+        again = make(wal_dir)
+        index_for(again.wal())  # a new index: every keyed record in the log, carried ones too
+        again.close()
+    newest = sorted(wal_dir.glob("*.seg"))[-1]
+    assert int(newest.stem) <= carried[0]
+    newest.unlink()  # the carried copy goes with it
+    repair = run_repair(wal_dir)
+    assert repair.returncode == 0 and "LOST" in repair.stdout, repair.stdout + repair.stderr
+
+    relay = make(wal_dir)
+    try:
+        wal = relay.wal()
+        before = wal.next_lsn()
+        again = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
+        keyed = [lsn for lsn, p in wal.iter_from(wal.first_lsn()) if decode(p).key == "remind"]
+    finally:
+        relay.close()
+    assert keyed == [again.lsn] and again.lsn >= before, (
+        f"key 'remind' (its carried copy at LSN {carried[0]} was lost) was answered with "
+        f"{again} and nothing appended (next LSN was {before}): its task will never run"
+    )

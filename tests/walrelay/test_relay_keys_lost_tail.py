@@ -95,9 +95,9 @@ def test_a_key_whose_carried_copy_was_lost_with_the_tail_is_sent_again(
     if rebuilt:
         for path in wal_dir.glob("keys.sqlite3*"):
             path.unlink()
-        again = make(wal_dir)
-        index_for(again.wal())  # a new index: every keyed record in the log, carried ones too
-        again.close()
+        fresh = make(wal_dir)
+        index_for(fresh.wal())  # a new index: every keyed record in the log, carried ones too
+        fresh.close()
     newest = sorted(wal_dir.glob("*.seg"))[-1]
     assert int(newest.stem) <= carried[0]
     newest.unlink()  # the carried copy goes with it

@@ -74,13 +74,11 @@ def _env(url: str, options: dict[str, object]) -> dict[str, str]:
     return {"CELERY_BROKER_URL": url, "BROKER_TRANSPORT_OPTIONS": json.dumps(options)}
 
 
-class RedisBroker:
-    kind = "redis"
-    keeps_queues = False
-    fails_over = False
+class _OneServer:
+    """What a broker of one server process does to it (Redis, RabbitMQ): each subclass
+    sets ``server`` and says how it stops, loses everything and counts a queue."""
 
-    def __init__(self, workdir: Path, *, session: bool = False) -> None:
-        self.server = RedisServer(workdir, session=session)
+    server: RedisServer | RabbitServer
 
     @property
     def url(self) -> str:
@@ -93,23 +91,14 @@ class RedisBroker:
     def running(self) -> bool:
         return self.server.running
 
-    def pids(self) -> list[int]:
-        return self.server.proc.leftovers() if self.server.proc is not None else []
-
     def start(self) -> None:
         self.server.start()
-
-    def stop(self) -> None:
-        self.server.kill()
 
     def crash(self) -> None:
         self.server.kill()
 
     def recover(self) -> None:
         self.server.start()
-
-    def lose_everything(self) -> None:
-        self.server.restart()
 
     def down(self) -> None:
         self.server.kill()
@@ -131,11 +120,29 @@ class RedisBroker:
     def kill_paused(self) -> None:
         self.server.kill()
 
+
+class RedisBroker(_OneServer):
+    kind = "redis"
+    keeps_queues = False
+    fails_over = False
+
+    def __init__(self, workdir: Path, *, session: bool = False) -> None:
+        self.server: RedisServer = RedisServer(workdir, session=session)
+
+    def pids(self) -> list[int]:
+        return self.server.proc.leftovers() if self.server.proc is not None else []
+
+    def stop(self) -> None:
+        self.server.kill()
+
+    def lose_everything(self) -> None:
+        self.server.restart()
+
     def depth(self, queue: str) -> int:
         return int(self.server.client().llen(queue))
 
 
-class RabbitBroker:
+class RabbitBroker(_OneServer):
     kind = "rabbitmq"
     keeps_queues = True
     fails_over = False
@@ -143,57 +150,17 @@ class RabbitBroker:
     def __init__(
         self, workdir: Path, *, session: bool = True, binds: tuple[str, ...] = ("127.0.0.1",)
     ) -> None:
-        self.server = RabbitServer(workdir, session=session, binds=binds)
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def env(self) -> dict[str, str]:
-        return _env(self.url, {})
-
-    @property
-    def running(self) -> bool:
-        return self.server.running
+        self.server: RabbitServer = RabbitServer(workdir, session=session, binds=binds)
 
     def pids(self) -> list[int]:
         return [pid for p in (self.server.proc, self.server.epmd) if p is not None
                 for pid in p.leftovers()]  # fmt: skip
 
-    def start(self) -> None:
-        self.server.start()
-
     def stop(self) -> None:
         self.server.stop()
 
-    def crash(self) -> None:
-        self.server.kill()
-
-    def recover(self) -> None:
-        self.server.start()
-
     def lose_everything(self) -> None:
         self.server.restart(wipe=True)
-
-    def down(self) -> None:
-        self.server.kill()
-
-    def up(self) -> None:
-        self.server.start()
-
-    def heal(self) -> None:
-        self.server.resume()
-        if not self.server.running:
-            self.server.start()
-
-    def pause(self) -> None:
-        self.server.pause()
-
-    def resume(self) -> None:
-        self.server.resume()
-
-    def kill_paused(self) -> None:
-        self.server.kill()
 
     def depth(self, queue: str) -> int:
         return self.server.depth(queue)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tests.walrelay.shop_app import app as shop
 from walrelay import Relay, RelaySettings
-from walstore import Options, SyncPolicy
+from walrelay.record import decode
+from walstore import Options, SyncPolicy, Wal
 
 SMALL = Options(sync=SyncPolicy.NONE, segment_bytes=8192, min_free_bytes=0)
 
@@ -45,3 +46,8 @@ def lose_newest(wal_dir: Path) -> int:
 
 def task_lsn(task_id: str) -> int:
     return int(task_id.split("-")[1])
+
+
+def keyed_lsns(wal: Wal, key: str) -> list[int]:
+    """The LSNs of the records of ``key`` still in the log."""
+    return [lsn for lsn, p in wal.iter_from(wal.first_lsn()) if decode(p).key == key]

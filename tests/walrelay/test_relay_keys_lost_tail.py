@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lost_tail import make, run_repair
+from tests.support.lost_tail import keyed_lsns, make, run_repair
 from tests.walrelay.shop_tasks import reserve
 from walrelay.keys import index_for
 from walrelay.record import decode
@@ -89,7 +89,7 @@ def test_a_key_whose_carried_copy_was_lost_with_the_tail_is_sent_again(
     rig.run_for(150)  # carried forward to the end of the log; the original released
     assert rig.pump.stats.carried == 1
     rig.pump.checkpoint(force=True)
-    carried = [lsn for lsn, p in wal.iter_from(wal.first_lsn()) if decode(p).key == "remind"]
+    carried = keyed_lsns(wal, "remind")
     assert wal.first_lsn() > first.lsn and carried and carried[0] > first.lsn
     relay.close()
     if rebuilt:
@@ -109,7 +109,7 @@ def test_a_key_whose_carried_copy_was_lost_with_the_tail_is_sent_again(
         wal = relay.wal()
         before = wal.next_lsn()
         again = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
-        keyed = [lsn for lsn, p in wal.iter_from(wal.first_lsn()) if decode(p).key == "remind"]
+        keyed = keyed_lsns(wal, "remind")
     finally:
         relay.close()
     assert keyed == [again.lsn] and again.lsn >= before, (

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lost_tail import make, run_repair
+from tests.support.lost_tail import keyed_lsns, make, run_repair
 from tests.walrelay.shop_tasks import reserve
-from walrelay.record import decode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,7 +60,7 @@ def test_a_key_lost_in_a_segment_before_head_is_sent_again_after_pruning(
         assert wal.first_lsn() > lost.lsn
         before = wal.next_lsn()
         again = relay.send(reserve.s("lost"), key="lost")
-        keyed = [lsn for lsn, p in wal.iter_from(wal.first_lsn()) if decode(p).key == "lost"]
+        keyed = keyed_lsns(wal, "lost")
     finally:
         relay.close()
     assert keyed == [again.lsn] and again.lsn >= before, (

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lost_tail import make, run_repair
+from tests.support.lost_tail import keyed_lsns, make, run_repair
 from tests.walrelay.shop_tasks import reserve
-from walrelay.record import decode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,7 +46,7 @@ def test_a_lost_key_retried_after_its_lsn_was_reused_and_pruned_is_sent_again(
         assert wal.first_lsn() > lost.lsn
         before = wal.next_lsn()
         again = relay.send(reserve.s("lost"), key="lost")
-        keyed = [lsn for lsn, p in wal.iter_from(wal.first_lsn()) if decode(p).key == "lost"]
+        keyed = keyed_lsns(wal, "lost")
     finally:
         relay.close()
     assert keyed == [again.lsn] and again.lsn >= before, (

@@ -21,7 +21,7 @@ from walstore import Wal
 from walstore.fs import OsFs
 
 from .errors import BadRecordError, DeadLetterNotFoundError
-from .record import decode
+from .record import decimal, decode
 
 SUBDIR = "deadletters"
 
@@ -82,9 +82,10 @@ class DeadLetterStore:
         self.fs = fs or OsFs()
 
     def _path(self, letter_id: str) -> str:
-        if not letter_id.isdigit():
+        lsn = decimal(letter_id)
+        if lsn is None:
             raise DeadLetterNotFoundError(f"{letter_id!r} is not a dead-letter id (an LSN)")
-        return os.path.join(self.directory, f"{int(letter_id):020d}.json")
+        return os.path.join(self.directory, f"{lsn:020d}.json")
 
     def add(self, letter: DeadLetter) -> None:
         """Store durably (replacing a dead letter with the same id)."""

@@ -156,6 +156,14 @@ def task_id(wal_id: str, lsn: int, target: str) -> str:
 def parse_task_id(tid: str) -> tuple[str, int, str] | None:
     """(wal_id, lsn, target) from a task id made by ``task_id``, else None."""
     parts = tid.split("-", 2)
-    if len(parts) != 3 or len(parts[0]) != 32 or not parts[1].isdigit():
-        return None
-    return parts[0], int(parts[1]), parts[2]
+    lsn = decimal(parts[1]) if len(parts) == 3 and len(parts[0]) == 32 else None
+    return None if lsn is None else (parts[0], lsn, parts[2])
+
+
+def decimal(text: str, max_digits: int = 20) -> int | None:
+    """``text`` as written by ``str(int)`` for a count or an LSN, else None. Not
+    ``str.isdigit`` alone: it holds for "²", which ``int`` refuses, and for Arabic-Indic
+    "70" (U+0667 U+0660), which ``int`` reads as 70."""
+    if text.isascii() and text.isdigit() and len(text) <= max_digits:
+        return int(text)
+    return None

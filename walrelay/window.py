@@ -32,7 +32,7 @@ from .admission import NO_OPTIONS, TaskOptions, message_for
 from .broker import Ack, TaskMessage
 from .lanes import LaneKey, Lanes
 from .pumpstats import PumpStats
-from .record import Entry, TaskSpec
+from .record import Entry, TaskSpec, decimal
 
 NEVER = float("inf")
 TIMERS_PER_STEP = 5000
@@ -410,12 +410,5 @@ class CopyName(NamedTuple):
     def parse(cls, copy: str | None) -> CopyName:
         parts = (copy or "").split(".")
         parts += [""] * (4 - len(parts))
-        return cls(parts[0], _number(parts[1]), parts[2], parts[3])
-
-
-def _number(text: str) -> int | None:
-    """A count written by ``str(int)``, else None (an ack's copy name is the worker's
-    word: ``"²".isdigit()`` holds, and ``int`` refuses it)."""
-    if text.isascii() and text.isdigit() and len(text) <= 18:
-        return int(text)
-    return None
+        # An ack's copy name is the worker's word: anything may stand there.
+        return cls(parts[0], decimal(parts[1], 18), parts[2], parts[3])

@@ -111,7 +111,9 @@ def segment_name(first_lsn: int) -> str:
 def parse_segment_name(name: str) -> int | None:
     """The first LSN a segment file name stands for, or None if it is not a segment name."""
     stem, dot, ext = name.partition(".")
-    if dot != "." or ext != SEGMENT_SUFFIX[1:] or len(stem) != LSN_DIGITS or not stem.isdigit():
+    if dot != "." or ext != SEGMENT_SUFFIX[1:] or len(stem) != LSN_DIGITS:
+        return None
+    if not (stem.isascii() and stem.isdigit()):  # isdigit alone: also "²", Arabic-Indic digits
         return None
     return int(stem)
 

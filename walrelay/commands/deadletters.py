@@ -8,7 +8,7 @@ import time
 
 import click
 
-from walstore import Options, Wal
+from walstore import Options, Wal, WalError
 
 from ..deadletters import DeadLetterStore
 from ..errors import DeadLetterNotFoundError
@@ -62,7 +62,8 @@ def replay(ctx: click.Context, letter_id: str) -> None:
     try:
         with Wal.open(wal_dir, Options.from_env()) as wal:
             lsn = store.replay(letter_id, wal)
-    except (DeadLetterNotFoundError, ValueError) as exc:
+    except (DeadLetterNotFoundError, ValueError, WalError, OSError) as exc:
+        # The log full, poisoned or damaged: the dead letter stays, to replay later.
         raise click.ClickException(str(exc)) from None
     click.echo(f"dead letter {letter_id} replayed as LSN {lsn}")
 
@@ -75,6 +76,6 @@ def purge(ctx: click.Context, letter_id: str) -> None:
     store, _ = _store(ctx)
     try:
         store.remove(letter_id)
-    except DeadLetterNotFoundError as exc:
+    except (DeadLetterNotFoundError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"dead letter {letter_id} purged")

@@ -189,7 +189,8 @@ class Reader:
         """The data of this segment ends at ``_pos``: go on to the next segment, which must
         start at the next LSN (else the data stops early: damage, named where it is)."""
         firsts = list_segments(self._fs, self._dir)
-        if self._cur not in firsts:
+        # A segment with no record at all ends where it starts: its next is not itself.
+        if self._cur == self._seg or self._cur not in firsts:
             buf = self._fs.pread(self._fd, RECORD_HEADER_SIZE, self._pos)
             later = [f for f in firsts if f > self._seg]
             if buf:  # zeros or part of a header where the next record should start

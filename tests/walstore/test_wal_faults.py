@@ -626,3 +626,27 @@ def test_repair_of_an_unreadable_newest_header_never_reuses_its_lsns(tmp_path: P
     with Wal.open(tmp_path, opts()) as wal:
         assert wal.append(b"after") == 50
         assert [lsn for lsn, _ in wal.iter_from(0)] == [*range(first), 50]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("damage", ["zeroed", "cut"])
+def test_a_sealed_segment_without_any_record_is_damage_not_a_loop(
+    tmp_path: Path, damage: str
+) -> None:
+    """A middle segment zeroed (or cut) right after its header: the data stops at that
+    segment's first LSN. Readers stopped there once; they reopened the same segment for
+    ever (the pump, dump), as if it were the next one."""
+    pays = build(tmp_path, 100)  # four segments
+    middle = segs(tmp_path)[1]
+    first = layout(middle)[0][0]
+    if damage == "zeroed":
+        patch(middle, SEGMENT_HEADER_SIZE, bytes(SEG - SEGMENT_HEADER_SIZE))
+    else:
+        os.truncate(middle, SEGMENT_HEADER_SIZE)
+    after = int(segs(tmp_path)[2].stem)
+    reason = f"ends at LSN {first}, next segment starts at {after}"
+    if damage == "zeroed":
+        reason = f"LSN 0 where {first} was expected"
+    at = SEGMENT_HEADER_SIZE
+    verdict = Verdict("sealed", expected(pays, first), 100, middle.name, at, reason)
+    assert_readers(tmp_path, verdict)

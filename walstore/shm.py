@@ -162,9 +162,13 @@ class SharedState:
         process attaches only if its own files are these (see walstore.attach)."""
         if len(identities) > _MAX_IDS:
             raise ValueError(f"at most {_MAX_IDS} shared files")
-        # The slots are not cleared: a slot is reset when it is claimed, and leaders look
-        # only at claimed slots (below the hint, zero here).
         self._mm[:_SLOTS_OFF] = bytes(_SLOTS_OFF)
+        # Every slot free: a payload left waiting by a producer that died was not in the
+        # log this recovery found, and must never be written later. Resetting a slot when
+        # it is claimed is not enough: a claim and its reset are two steps, and another
+        # producer's claim may raise the hint past a claimed slot not yet reset.
+        for slot in range(SLOT_COUNT):
+            _U32.pack_into(self._mm, _slot_off(slot), SLOT_FREE)
         self.set_write(state)
         _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, 0)
         _U64.pack_into(self._mm, _NEXT_BATCH_OFF, 1)

@@ -30,6 +30,7 @@ from sqlalchemy import (
     event,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -40,6 +41,7 @@ from .config import Settings
 from .targets import TARGETS
 
 BUSY_TIMEOUT_MS = 30_000
+_DDL_LOCK = 0x6C6564676572  # the advisory lock the creators of the table take ("ledger")
 
 metadata = MetaData()
 effects = Table(
@@ -75,9 +77,17 @@ class Ledger:
         self.engine: Engine = create_engine(url)
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        with self.engine.begin() as conn:
-            # IF NOT EXISTS: several worker processes may create it at the same moment.
-            conn.execute(CreateTable(effects, if_not_exists=True))
+        try:
+            with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # Several workers may create it at the same moment, and PostgreSQL's
+                    # IF NOT EXISTS is not safe against itself (one of two fails on
+                    # pg_type): one creator at a time, for this transaction.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DDL_LOCK})
+                conn.execute(CreateTable(effects, if_not_exists=True))
+        except BaseException:
+            self.engine.dispose()  # no pooled connection left open behind the error
+            raise
         self._upsert = _upsert_statement(self.dialect)
 
     def record(self, target: str, purchase_id: str, detail: Mapping[str, Any]) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tasks.ledger import Ledger, ledger_for, status_of
+from tests.support.postgres import private_database
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,3 +56,29 @@ def test_several_processes_write_one_sqlite_file(tmp_path: Path) -> None:
         p.join(50)
         assert p.exitcode == 0
     assert Ledger(url).snapshot()["warehouse"] == {f"k{k}": 4 for k in range(40)}
+
+
+def _open_at(url: str, barrier: Any) -> None:
+    barrier.wait(30)
+    Ledger(url).close()
+
+
+def test_workers_starting_together_on_a_new_postgresql_database_all_open_the_ledger() -> None:
+    """Several worker processes open a ledger whose table does not exist yet, at the same
+    moment: in PostgreSQL ``CREATE TABLE IF NOT EXISTS`` is not safe against itself (one
+    of two at once fails on pg_type's unique index), and a worker failed to start."""
+    ctx = mp.get_context("fork")
+    for _round in range(4):
+        with private_database("walrelay_ledger") as url:
+            barrier = ctx.Barrier(6)
+            procs = [ctx.Process(target=_open_at, args=(url, barrier)) for _ in range(6)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(50)
+            assert [p.exitcode for p in procs] == [0] * 6
+            book = Ledger(url)
+            try:
+                assert book.snapshot() == {"warehouse": {}, "finance": {}}
+            finally:
+                book.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -29,11 +28,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.support import netns
 from tests.support.faultkit import Journal, report
+from tests.support.postgres import private_database
 from tools import roles
 from tools.audit import audit
 from tools.localstack import ROOT, pipeline_env
@@ -47,7 +46,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.timeout(600)]
 HOSTS = 3
 RATE = 4.0  # purchases/s per host
 CUT_SECONDS = 30.0
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"  # trust auth on loopback
 TARGETS = ("warehouse", "finance")
 PRODUCER = str(Path(__file__).resolve().parents[1] / "support" / "http_producer.py")
 Env = Callable[[Mapping[str, str] | None], dict[str, str]]
@@ -56,17 +54,8 @@ Env = Callable[[Mapping[str, str] | None], dict[str, str]]
 @pytest.fixture
 def ledger_url() -> Iterator[str]:
     """A database of this test's own, dropped at the end."""
-    name = f"walrelay_hosts_{secrets.token_hex(4)}"
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 with trust auth: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with private_database("walrelay_hosts") as url:
+        yield url
 
 
 @dataclass

@@ -58,10 +58,15 @@ def load_meta(fs: OsFs, directory: str, create: bool) -> bytes:
         fs.write_file_atomic(directory, META, raw)
     try:
         meta = json.loads(raw.decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise TypeError("not a JSON object")
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported format {meta.get('format')!r}")
-        return uuid.UUID(hex=meta["wal_id"]).bytes
-    except (ValueError, KeyError, TypeError) as exc:
+        wal_id = meta.get("wal_id")
+        if not isinstance(wal_id, str):
+            raise TypeError("no wal_id string")
+        return uuid.UUID(hex=wal_id).bytes
+    except (ValueError, TypeError, RecursionError) as exc:
         raise CorruptLogError(META, 0, f"unreadable META: {exc}") from None
 
 
@@ -103,12 +108,22 @@ def lost_tails(fs: OsFs, directory: str) -> list[int]:
     if raw is None:
         return []
     try:
-        found = json.loads(raw.decode("utf-8"))["lost_tails"]
-        if not isinstance(found, list) or not all(isinstance(n, int) for n in found):
+        doc = json.loads(raw.decode("utf-8"))
+        found = doc.get("lost_tails") if isinstance(doc, dict) else None
+        if not isinstance(found, list) or not all(_is_lsn(n) for n in found):
             raise TypeError("not a list of LSNs")
         return [int(n) for n in found]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise CorruptLogError(LOSSES, 0, f"unreadable LOSSES: {exc}") from None
+
+
+# Past any LSN a log reaches, and what a signed 64-bit integer (SQLite's, the key
+# index's) holds.
+MAX_LSN = 1 << 63
+
+
+def _is_lsn(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n < MAX_LSN
 
 
 def check_head(fs: OsFs, directory: str, firsts: list[int]) -> int | None:

@@ -650,3 +650,25 @@ def test_a_sealed_segment_without_any_record_is_damage_not_a_loop(
     at = SEGMENT_HEADER_SIZE
     verdict = Verdict("sealed", expected(pays, first), 100, middle.name, at, reason)
     assert_readers(tmp_path, verdict)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b'"x"', b"5", b"null", b'{"format": 1, "wal_id": 5}', b'{"format": 1}',
+     b"[" * 100_000],
+    ids=["list", "string", "number", "null", "id-a-number", "no-id", "deep"],
+)  # fmt: skip
+def test_meta_of_the_wrong_shape_is_unreadable_meta_and_repair_rebuilds_it(
+    tmp_path: Path, content: bytes
+) -> None:
+    """Valid JSON that is not META's object (or too deep to parse) is damage to META,
+    named: it was an AttributeError or RecursionError traceback in every command."""
+    pays = build(tmp_path, 60)
+    with Wal.open(tmp_path, opts()) as wal:
+        wal_id = wal.wal_id
+    (tmp_path / "META").write_bytes(content)
+    assert_readers(tmp_path, Verdict("refused", [], 0, "META", 0, "unreadable META"))
+    code, out, err = run_cli("repair", str(tmp_path))
+    assert code == 0, err
+    assert f"rebuilt META from the segment headers (WAL id {wal_id})" in out
+    assert_readers(tmp_path, Verdict("clean", expected(pays, 60)))

@@ -170,3 +170,29 @@ def test_a_damaged_losses_is_refused_naming_it(tmp_path: Path) -> None:
     assert cli("repair", str(tmp_path)).returncode == 0
     with Wal.open(tmp_path, OPTS) as wal:
         assert wal.lost_tails() == [0] and wal.next_lsn() == 50
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b'"x"', b'{"lost_tails": 5}', b'{"lost_tails": [true]}', b'{"lost_tails": [-5]}',
+     b'{"lost_tails": [100000000000000000000000000000]}', b'{"lost_tails": [1.5]}',
+     b"[" * 100_000],
+    ids=["list", "string", "not-a-list", "bool", "negative", "huge", "float", "deep"],
+)  # fmt: skip
+def test_losses_that_names_no_lsns_is_refused_naming_it_and_repaired(
+    tmp_path: Path, content: bytes
+) -> None:
+    """LOSSES must be a list of LSNs: true read as LSN 1, a number past 2**63 broke every
+    keyed send (SQLite), and deep nesting was a RecursionError traceback."""
+    make_log(tmp_path, 50)
+    (tmp_path / "LOSSES").write_bytes(content)
+    with pytest.raises(CorruptLogError) as info:
+        Wal.open(tmp_path, OPTS)
+    assert info.value.segment == "LOSSES"
+    for command, code in (("status", 2), ("verify", 1)):
+        result = cli(command, str(tmp_path))
+        assert result.returncode == code and "LOSSES" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert cli("repair", str(tmp_path)).returncode == 0
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert wal.lost_tails() == [0] and wal.next_lsn() == 50

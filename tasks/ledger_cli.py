@@ -6,6 +6,8 @@ import json
 
 import click
 from celery.bin.base import CeleryCommand
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .app import settings_of
 from .ledger import Ledger
@@ -16,11 +18,16 @@ from .ledger import Ledger
 @click.pass_context
 def ledger(ctx: click.Context, as_json: bool) -> None:
     """Show every purchase's effects and how often each task arrived."""
-    book = Ledger(settings_of(ctx.obj.app).ledger_url)
+    url = settings_of(ctx.obj.app).ledger_url
     try:
-        snap = book.snapshot()
-    finally:
-        book.close()
+        book = Ledger(url)
+        try:
+            snap = book.snapshot()
+        finally:
+            book.close()
+    except (SQLAlchemyError, ValueError, ImportError, OSError) as exc:
+        why = f"cannot read the ledger at {_shown(url)}: {_why(exc)}"
+        raise click.ClickException(why) from None
     if as_json:
         click.echo(json.dumps(snap, sort_keys=True))
         return
@@ -31,3 +38,18 @@ def ledger(ctx: click.Context, as_json: bool) -> None:
     click.echo("purchase_id\t" + "\t".join(targets))
     for pid in sorted({p for rows in snap.values() for p in rows}):
         click.echo(pid + "\t" + "\t".join(str(snap[t].get(pid, 0)) for t in targets))
+
+
+def _shown(url: str) -> str:
+    """The URL without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "LEDGER_URL (not a database URL)"
+
+
+def _why(exc: BaseException) -> str:
+    """The driver's own first line (SQLAlchemy's adds the statement and a link)."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__

@@ -18,7 +18,7 @@ from typing import Any
 import click
 from celery.bin.base import CeleryCommand
 
-from walstore import Options, Wal
+from walstore import Options, Wal, WalError
 
 from ..brokers.kombu import KombuPublisher
 from ..deadletters import DeadLetterStore
@@ -99,7 +99,11 @@ def pump(ctx: click.Context, wal_dir: str | None, window: int | None, loglevel: 
     """Publish every unconfirmed WAL entry as Celery tasks until confirmed."""
     app: Any = ctx.obj.app
     relay = Relay.of(app)
-    settings = relay.settings
+    try:
+        settings = relay.settings
+        options = Options.from_env()
+    except ValueError as exc:  # a bad PUMP_* or WAL_* setting, named
+        raise click.ClickException(str(exc)) from None
     directory = os.path.abspath(wal_dir) if wal_dir else relay.wal_dir
     logging.basicConfig(
         level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/pump] %(message)s"
@@ -109,6 +113,8 @@ def pump(ctx: click.Context, wal_dir: str | None, window: int | None, loglevel: 
     except PumpLockedError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:
+        raise click.ClickException(f"cannot use {directory} for the log: {exc}") from None
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -117,7 +123,11 @@ def pump(ctx: click.Context, wal_dir: str | None, window: int | None, loglevel: 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     policy = app_policy(app, settings.pump_queues)
-    wal = Wal.open(directory, Options.from_env())
+    try:
+        wal = Wal.open(directory, options)
+    except (WalError, OSError) as exc:
+        os.close(lock_fd)
+        raise click.ClickException(f"cannot open the log in {directory}: {exc}") from None
     publisher = KombuPublisher.for_app(app, wal.wal_id)
     exporter: Exporter | None = None
     try:

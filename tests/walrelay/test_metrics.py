@@ -263,3 +263,22 @@ def test_multiprocess_mode_sums_every_worker(tmp_path: Path) -> None:
     labels = {"method": "POST", "route": "/purchases", "status": "201"}
     assert value(out, "walpurchase_http_requests_total", **labels) == 7
     assert value(out, "walpurchase_wal_append_seconds_count") == 7
+
+
+def test_every_pump_metric_the_docs_name_is_served(tmp_path: Path) -> None:
+    """docs/deployment.md told operators to alert on walrelay_* names the pump never
+    served (review): every walpurchase_pump_/wal_ name in the docs and README exists."""
+    import re
+
+    with Wal.open(tmp_path / "wal", Options(segment_bytes=SMALL, min_free_bytes=0)) as wal:
+        text = generate_latest(pump_registry(lambda: PumpStats(), lambda: wal)).decode()
+    served = {f.name for f in text_string_to_metric_families(text)}
+    served |= {f"{name}_total" for name in served}  # counters are named without _total
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
+    named = set(re.findall(r"\bwal\w*_(?:pump|wal)_[a-z_]*[a-z]", deployment))
+    # The README's table of the pump's metrics names them without the prefix.
+    rows = [r for r in (ROOT / "README.md").read_text().splitlines() if r.startswith("| pump |")]
+    in_readme = {f"walpurchase_{n}" for r in rows for n in re.findall(r"`((?:pump|wal)_\w+)`", r)}
+    assert named and in_readme
+    assert named <= served, sorted(named - served)
+    assert in_readme <= served, sorted(in_readme - served)

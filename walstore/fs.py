@@ -5,7 +5,9 @@ as RocksDB's FaultInjectionTestFS does."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 
 from .errors import WalError
 
@@ -16,13 +18,15 @@ DIR_MODE = 0o700
 def open_private(path: str, flags: int, mode: int = FILE_MODE) -> int:
     """``os.open``; a file it creates gets exactly ``mode`` whatever the umask."""
     fd = os.open(path, flags | os.O_CLOEXEC, mode)
-    if flags & os.O_CREAT:
-        try:
-            if os.fstat(fd).st_mode & 0o7777 != mode:
-                os.fchmod(fd, mode)
-        except BaseException:
-            os.close(fd)
-            raise
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(st_mode):  # opens read-only; every read then fails naming nothing
+            raise IsADirectoryError(errno.EISDIR, "a directory where a file should be", path)
+        if flags & os.O_CREAT and st_mode & 0o7777 != mode:
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

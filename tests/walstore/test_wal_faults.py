@@ -672,3 +672,17 @@ def test_meta_of_the_wrong_shape_is_unreadable_meta_and_repair_rebuilds_it(
     assert code == 0, err
     assert f"rebuilt META from the segment headers (WAL id {wal_id})" in out
     assert_readers(tmp_path, Verdict("clean", expected(pays, 60)))
+
+
+def test_a_directory_named_like_a_segment_is_named_by_every_reader(tmp_path: Path) -> None:
+    """Reading a directory opened read-only fails with a bare "[Errno 21] Is a directory"
+    that named no file (review): every command must say which."""
+    build(tmp_path, 60)
+    odd = tmp_path / f"{10**6:020d}.seg"
+    odd.mkdir()
+    for command in ("status", "verify", "dump"):
+        code, _out, err = run_cli(command, str(tmp_path))
+        assert code in (1, 2) and odd.name in err, (command, err)
+    with pytest.raises(OSError) as info:
+        Wal.open(tmp_path, opts())
+    assert odd.name in str(info.value)

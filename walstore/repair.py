@@ -117,6 +117,14 @@ def _repair(fs: OsFs, directory: str) -> RepairReport:
         if exc.segment != META:
             raise
         wal_id = _rebuild_meta(fs, directory, firsts, exc.reason, report)
+    else:
+        carried = _segment_ids(fs, directory, firsts)
+        if len(carried) == 1 and wal_id not in carried:
+            # Every segment agrees, and META names another log (a META restored from
+            # elsewhere): the segments are the log; META is what is wrong. Trusting META
+            # turned every record into a lost placeholder.
+            problem = f"META names WAL id {wal_id.hex()}, which no segment carries"
+            wal_id = _rebuild_meta(fs, directory, firsts, problem, report)
     plan: list[_Salvage] = []
     expected = firsts[0] if firsts else 0
     for i, first in enumerate(firsts):
@@ -248,6 +256,22 @@ def _clear_way(fs: OsFs, directory: str, name: str, report: RepairReport) -> Non
     fs.fsync_dir(directory)
 
 
+def _segment_ids(fs: OsFs, directory: str, firsts: list[int]) -> set[bytes]:
+    """The WAL ids the segment headers carry (a damaged header says nothing)."""
+    ids: set[bytes] = set()
+    for first in firsts:
+        fd = fs.open(segment_path(directory, first), os.O_RDONLY)
+        try:
+            raw = fs.pread(fd, SEGMENT_HEADER_SIZE, 0)
+        finally:
+            fs.close(fd)
+        try:
+            ids.add(unpack_segment_header(raw).wal_id)
+        except ValueError:
+            continue  # a damaged header: the others tell
+    return ids
+
+
 def _rebuild_meta(
     fs: OsFs, directory: str, firsts: list[int], problem: str, report: RepairReport
 ) -> bytes:
@@ -256,13 +280,7 @@ def _rebuild_meta(
     The low water mark is then lowered to the first LSN on disk: whatever damaged META
     may have hit CHECKPOINT's history too, and delivering entries again is safe (they
     are idempotent) where skipping one is not."""
-    ids: set[bytes] = set()
-    for first in firsts:
-        raw = fs.read_file(segment_path(directory, first))[:SEGMENT_HEADER_SIZE]
-        try:
-            ids.add(unpack_segment_header(raw).wal_id)
-        except ValueError:
-            continue  # a damaged header: the others tell
+    ids = _segment_ids(fs, directory, firsts)
     if len(ids) > 1:
         raise CorruptLogError(
             META, 0, f"{problem}, and the segments name {len(ids)} different WAL ids: "

@@ -686,3 +686,21 @@ def test_a_directory_named_like_a_segment_is_named_by_every_reader(tmp_path: Pat
     with pytest.raises(OSError) as info:
         Wal.open(tmp_path, opts())
     assert odd.name in str(info.value)
+
+
+def test_repair_trusts_the_segments_over_a_meta_of_another_log(tmp_path: Path) -> None:
+    """META readable but naming another log's id (restored from elsewhere), while every
+    segment carries this log's: repair made every record a lost placeholder (review); the
+    segments agree, so META is what is wrong, and it is rebuilt from them."""
+    pays = build(tmp_path / "a", 60)
+    build(tmp_path / "b", 5)
+    with Wal.open(tmp_path / "a", opts()) as wal:
+        wal_id = wal.wal_id
+    shutil.copy(tmp_path / "b" / "META", tmp_path / "a" / "META")
+    code, _out, err = run_cli("verify", str(tmp_path / "a"))
+    assert code == 1 and "another log" in err, err
+    code, out, err = run_cli("repair", str(tmp_path / "a"))
+    assert code == 0, err
+    assert f"rebuilt META from the segment headers (WAL id {wal_id})" in out, out
+    assert "LOST" not in out, out
+    assert_readers(tmp_path / "a", Verdict("clean", expected(pays, 60)))

@@ -66,6 +66,11 @@ def _wal_unavailable(exc: BaseException) -> JSONResponse:
     return _problem(503, f"the write-ahead log is unavailable: {exc}", retry=RETRY_FAILED_S)
 
 
+def _misconfigured(exc: BaseException) -> JSONResponse:
+    log.error("the web app is misconfigured: %s", exc)
+    return _problem(503, f"the web app is misconfigured: {exc}", retry=RETRY_FAILED_S)
+
+
 def _default_relay() -> Relay:
     from .app import get_app  # the Celery app and its settings: only on the first request
 
@@ -151,6 +156,8 @@ def _add_purchase_routes(
             return _problem(413, str(exc), "body")
         except (WalError, OSError) as exc:
             return _wal_unavailable(exc)
+        except ValueError as exc:  # what is left: a bad setting, read on the first request
+            return _misconfigured(exc)
         return JSONResponse(
             {"purchase_id": receipt.purchase_id, "lsn": receipt.lsn},
             status_code=201,
@@ -182,6 +189,8 @@ def _add_ops_routes(app: FastAPI, get_relay: Callable[[], Relay]) -> None:
                 raise LogPoisonedError("the log is poisoned by a failed fsync")
         except (WalError, OSError) as exc:
             return 503, {"status": "unavailable", "detail": str(exc)}
+        except ValueError as exc:  # a bad setting
+            return 503, {"status": "unavailable", "detail": f"misconfigured: {exc}"}
         return 200, {"status": "ok", "wal_id": wal.wal_id}
 
     @app.get("/healthz", responses=web_schema.HEALTH_RESPONSES)

@@ -27,8 +27,9 @@ Crashes. The WAL record holds its key and is the truth; the index is a cache of 
   again. Elsewhere than Linux there is no boot id and no such rebuild.
 - A lost end of the log (``walstore repair`` accepted it, ``LOSSES``): rows naming LSNs
   from there on are dropped, and so are the rows of records the pump had carried forward
-  there (``carried``: the pump notes each move; the row keeps the first LSN, which names
-  the tasks), so those keys are sent anew.
+  there and released (``carried``: the pump notes each move; the row keeps the first
+  LSN, which names the tasks), so those keys are sent anew; an original still at or
+  above the low water mark is replayed, and its key keeps its first answer.
 """
 
 from __future__ import annotations
@@ -298,12 +299,15 @@ class KeyIndex:
             with self._writing():
                 if fresh:
                     lost = min(fresh)
-                    # And the keys whose record's carried copy was lost: the original
-                    # was released once the copy was written.
+                    # And the keys whose carried copy was lost while their original was
+                    # released (below the low water mark). An original still at or above
+                    # it (the pump's release never checkpointed, or an older task holds
+                    # the mark) is replayed by the next pump: that record was not lost.
                     self._db.execute(
-                        "DELETE FROM keys WHERE lsn >= ? OR EXISTS (SELECT 1 FROM carried c"
-                        " WHERE c.key = keys.key AND c.origin = keys.lsn AND c.at >= ?)",
-                        (lost, lost),
+                        "DELETE FROM keys WHERE lsn >= ? OR (lsn < ? AND EXISTS (SELECT 1"
+                        " FROM carried c WHERE c.key = keys.key AND c.origin = keys.lsn"
+                        " AND c.at >= ?))",
+                        (lost, wal.low_water_mark(), lost),
                     )
                     self._db.execute("DELETE FROM carried WHERE at >= ? OR origin >= ?",
                                      (lost, lost))  # fmt: skip

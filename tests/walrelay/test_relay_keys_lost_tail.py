@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.lost_tail import keyed_lsns, make, run_repair
+from tests.support.lost_tail import keyed_lsns, make, run_repair, task_lsn
 from tests.walrelay.shop_tasks import reserve
 from walrelay.keys import index_for
 from walrelay.record import decode
@@ -116,3 +116,55 @@ def test_a_key_whose_carried_copy_was_lost_with_the_tail_is_sent_again(
         f"key 'remind' (its carried copy at LSN {carried[0]} was lost) was answered with "
         f"{again} and nothing appended (next LSN was {before}): its task will never run"
     )
+
+
+def _carry_then_lose_the_copy(tmp_path: Path, older_unconfirmed: bool) -> int:
+    """A keyed reminder carried forward by a pump; the segment holding the carried copy
+    lost and repaired while the original is still at or above the low water mark: the
+    pump never checkpointed past it, or an older task holds the mark. Returns the
+    original's LSN."""
+    from tests.support.pumprig import Rig
+
+    wal_dir = tmp_path / "wal"
+    relay = make(wal_dir)
+    if older_unconfirmed:
+        relay.send(reserve.s("slow-one"))  # LSN 0: a worker still busy with it
+    first = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
+    for i in range(60):
+        relay.send(reserve.s(f"filler-{i}"))
+    wal = relay.wal()
+    # Without checkpoints: the pump's release of the original never reaches the disk.
+    rig = Rig(wal, tmp_path, carry_after=100.0,
+              checkpoint_interval=0.0 if older_unconfirmed else 1e9)  # fmt: skip
+    rig.steps(3)
+    queued = rig.take("warehouse")
+    rig.ack([m for m in queued if not (older_unconfirmed and task_lsn(m.task_id) == 0)])
+    rig.run_for(150)
+    assert rig.pump.stats.carried == 1
+    copies = keyed_lsns(wal, "remind")
+    assert wal.low_water_mark() <= first.lsn < copies[-1]
+    relay.close()
+    newest = sorted(wal_dir.glob("*.seg"))[-1]
+    assert first.lsn < int(newest.stem) <= copies[-1]
+    newest.unlink()
+    repair = run_repair(wal_dir)
+    assert repair.returncode == 0 and "LOST" in repair.stdout, repair.stdout + repair.stderr
+    return first.lsn
+
+
+@pytest.mark.parametrize("older_unconfirmed", [False, True], ids=["no-checkpoint", "older-task"])
+def test_a_key_whose_carried_copy_was_lost_but_whose_original_remains_answers_first(
+    tmp_path: Path, older_unconfirmed: bool
+) -> None:
+    """The original is still above the low water mark, so the next pump replays it: the
+    record was not lost, and a retry of the key returns the first receipt (review: it
+    appended a second record, and the task ran twice)."""
+    original = _carry_then_lose_the_copy(tmp_path, older_unconfirmed)
+    relay = make(tmp_path / "wal")
+    try:
+        wal = relay.wal()
+        again = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
+        live = [lsn for lsn in keyed_lsns(wal, "remind") if lsn >= wal.low_water_mark()]
+    finally:
+        relay.close()
+    assert again.lsn == original and live == [original], (again, live)

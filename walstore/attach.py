@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from .errors import LogAttachError, LogBusyError
+from .errors import CorruptLogError, LogAttachError, LogBusyError
 from .fs import open_private
 from .shm import SharedState, WriteLock, WriteState, repairing_pid
 
@@ -77,6 +77,22 @@ def _try_flock(fd: int, mode: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+SHARED_FILES = (LOCK, SHM, APPEND_LOCK)
+
+
+def check_shared_files(directory: str) -> None:
+    """CorruptLogError naming a lock or shared-state file that is not a file (a directory
+    in its place): no process can open the log then, so every reader says so, and
+    ``walstore repair`` moves it aside (it holds no record)."""
+    for name in SHARED_FILES:
+        path = os.path.join(directory, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise CorruptLogError(
+                name, 0, f"a directory (or other non-file) where walstore keeps its {name}: "
+                "no process can open the log; walstore repair moves it aside"
+            )  # fmt: skip
 
 
 class AttachLock:
@@ -137,6 +153,7 @@ class Attachment:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        check_shared_files(directory)
         self.lock = AttachLock(directory)
         self._files: list[WriteLock | SharedState] = []
 

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import NamedTuple
 
+from .attach import check_shared_files
 from .errors import CorruptLogError
 from .format import (
     FORMAT_VERSION,
@@ -180,6 +181,7 @@ def survey(fs: OsFs, directory: str, tail_check: TailCheck = read_tail) -> Surve
     returned, not raised.
 
     Sealed segments' records are not read: that is verify's (and the reader's) job."""
+    check_shared_files(directory)
     firsts = list_segments(fs, directory)
     wal_id = load_meta(fs, directory, create=False)
     lwm = read_checkpoint(fs, directory)

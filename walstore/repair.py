@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from .attach import SHM, AttachLock
+from .attach import SHARED_FILES, SHM, AttachLock
 from .errors import CorruptLogError, LogBusyError
 from .format import (
     FORMAT_VERSION,
@@ -92,6 +92,14 @@ def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
             META, 0, "META is missing, and no segment header names the log's id: is this a "
             "walstore directory?"
         )  # fmt: skip
+    # A directory where a lock or the shared state should be: nobody can have the log
+    # open, and those files hold no record; moved aside before the lock is taken.
+    report = RepairReport()
+    for name in SHARED_FILES:
+        path = os.path.join(directory, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            _clear_way(fs, directory, name, report)
+            report.rewritten.append(name)  # made again by the next open
     lock = AttachLock(directory)
     try:
         if not lock.try_exclusive():
@@ -99,7 +107,7 @@ def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
         shm = SharedState(os.path.join(directory, SHM))
         try:
             shm.mark_repairing(os.getpid())
-            return _repair(fs, directory)
+            return _repair(fs, directory, report)
         finally:
             shm.invalidate()
             shm.close()
@@ -107,10 +115,9 @@ def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
         lock.close()
 
 
-def _repair(fs: OsFs, directory: str) -> RepairReport:
+def _repair(fs: OsFs, directory: str, report: RepairReport) -> RepairReport:
     remove_temp_files(fs, directory)
     firsts = list_segments(fs, directory)
-    report = RepairReport()
     try:
         wal_id = load_meta(fs, directory, create=False)
     except CorruptLogError as exc:

@@ -704,3 +704,18 @@ def test_repair_trusts_the_segments_over_a_meta_of_another_log(tmp_path: Path) -
     assert f"rebuilt META from the segment headers (WAL id {wal_id})" in out, out
     assert "LOST" not in out, out
     assert_readers(tmp_path / "a", Verdict("clean", expected(pays, 60)))
+
+
+@pytest.mark.parametrize("name", ["LOCK", "shm", "append.lock"])
+def test_a_directory_where_a_lock_or_the_shared_state_should_be(tmp_path: Path, name: str) -> None:
+    """Open failed with a bare IsADirectoryError (not a WalError), the read-only commands
+    said ok, and repair could not fix it (review). Now every reader refuses naming it, and
+    repair moves it aside: those files hold no record."""
+    pays = build(tmp_path, 60)
+    (tmp_path / name).unlink()
+    (tmp_path / name).mkdir()
+    assert_readers(tmp_path, Verdict("refused", [], 0, name, 0, "a directory"))
+    code, out, err = run_cli("repair", str(tmp_path))
+    assert code == 0, err
+    assert name in out, out
+    assert_readers(tmp_path, Verdict("clean", expected(pays, 60)))

@@ -80,4 +80,9 @@ class Options:
                     f"WAL_SYNC={env['WAL_SYNC']!r}: use 'always' (default) or 'none'"
                 ) from None
         kwargs.update(overrides)
-        return replace(cls(), **kwargs)  # type: ignore[arg-type]
+        try:
+            return replace(cls(), **kwargs)  # type: ignore[arg-type]
+        except ValueError as exc:  # a size out of range: name the variables it came from
+            sizes = ("WAL_SEGMENT_BYTES", "WAL_MAX_BYTES")
+            given = [f"{n}={env[n]!r}" for n in sizes if env.get(n)]
+            raise ValueError(f"{', '.join(given)}: {exc}" if given else str(exc)) from None

@@ -23,6 +23,8 @@ BAD = [
     ("WAL_SEGMENT_BYTES", "12XB"),
     ("WAL_MAX_BYTES", "-5"),
     ("BROKER_TRANSPORT_OPTIONS", "[1]"),
+    ("WAL_SEGMENT_BYTES", "1KiB"),  # a size, but too small
+    ("PUMP_METRICS_PORT", "70000"),
 ]
 
 
@@ -39,7 +41,7 @@ def base_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize(("name", "value"), BAD, ids=[n for n, _ in BAD])
+@pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v}" for n, v in BAD])
 def test_a_bad_setting_stops_the_pump_in_one_line_naming_it(
     tmp_path: Path, name: str, value: str
 ) -> None:

@@ -27,7 +27,7 @@ from ..metrics import Exporter, exporter_from_env, pump_registry
 from ..policy import app_policy
 from ..pump import Pump
 from ..relay import Relay
-from ..settings import DEFAULT_WAL_DIR, RelaySettings
+from ..settings import DEFAULT_WAL_DIR, MetricsSettings, RelaySettings
 from ..window import PumpConfig
 
 LOCK_NAME = "pump.lock"
@@ -104,6 +104,10 @@ def pump(ctx: click.Context, wal_dir: str | None, window: int | None, loglevel: 
         options = Options.from_env()
     except ValueError as exc:  # a bad PUMP_* or WAL_* setting, named
         raise click.ClickException(str(exc)) from None
+    try:
+        MetricsSettings.from_env()  # checked now: before the log is opened or created
+    except ValueError as exc:
+        raise click.ClickException(f"cannot serve metrics: {exc}") from None
     directory = os.path.abspath(wal_dir) if wal_dir else relay.wal_dir
     logging.basicConfig(
         level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/pump] %(message)s"

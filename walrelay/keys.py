@@ -27,9 +27,9 @@ Crashes. The WAL record holds its key and is the truth; the index is a cache of 
   again. Elsewhere than Linux there is no boot id and no such rebuild.
 - A lost end of the log (``walstore repair`` accepted it, ``LOSSES``): rows naming LSNs
   from there on are dropped, and so are the rows of records the pump had carried forward
-  there and released (``carried``: the pump notes each move; the row keeps the first
-  LSN, which names the tasks), so those keys are sent anew; an original still at or
-  above the low water mark is replayed, and its key keeps its first answer.
+  there, unless a copy (the original or an earlier one) is still at or above the low
+  water mark, which the next pump replays (``carried``: the pump notes each move; the
+  row keeps the first LSN, which names the tasks), so those keys are sent anew.
 """
 
 from __future__ import annotations
@@ -296,25 +296,48 @@ class KeyIndex:
             # New entries; or LOSSES was started again (repair of a damaged one) shorter
             # than what was seen: then everything it names counts again.
             fresh = tails[common:] or tails
+            lost = min(fresh) if fresh else None
+            gone = [] if lost is None else self._carried_away(wal, lost)
             with self._writing():
-                if fresh:
-                    lost = min(fresh)
-                    # And the keys whose carried copy was lost while their original was
-                    # released (below the low water mark). An original still at or above
-                    # it (the pump's release never checkpointed, or an older task holds
-                    # the mark) is replayed by the next pump: that record was not lost.
-                    self._db.execute(
-                        "DELETE FROM keys WHERE lsn >= ? OR (lsn < ? AND EXISTS (SELECT 1"
-                        " FROM carried c WHERE c.key = keys.key AND c.origin = keys.lsn"
-                        " AND c.at >= ?))",
-                        (lost, wal.low_water_mark(), lost),
-                    )
+                if lost is not None:
+                    self._db.execute("DELETE FROM keys WHERE lsn >= ?", (lost,))
+                    self._db.executemany("DELETE FROM keys WHERE key = ?", [(k,) for k in gone])
                     self._db.execute("DELETE FROM carried WHERE at >= ? OR origin >= ?",
                                      (lost, lost))  # fmt: skip
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('lost_tails', ?)",
                                  (json.dumps(tails),))  # fmt: skip
             if fresh:
                 self._index_log(wal, min(fresh), None, None)
+
+    def _carried_away(self, wal: Wal, lost: int) -> list[str]:
+        """The keys whose record the pump carried forward to ``lost`` or past it, and of
+        which no copy is left to deliver: neither the original nor an earlier copy is
+        still at or above the low water mark (the next pump replays those: their record
+        was not lost, and their key keeps its first answer)."""
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT k.key, k.lsn FROM keys k JOIN carried c ON c.key = k.key"
+                " AND c.origin = k.lsn WHERE c.at >= ? AND k.lsn < ?", (lost, lost)
+            ).fetchall()  # fmt: skip
+        wanted = {str(key): int(lsn) for key, lsn in rows}
+        start = max(wal.low_water_mark(), wal.first_lsn())
+        if not wanted or start >= min(lost, wal.high_water_mark()):
+            return list(wanted)
+        try:
+            for lsn, payload in wal.iter_from(start):
+                if lsn >= lost:
+                    break
+                try:
+                    entry = decode(payload)
+                except BadRecordError:
+                    continue
+                if entry.key in wanted and entry.identity(lsn) == wanted[entry.key]:
+                    del wanted[entry.key]
+                    if not wanted:
+                        break
+        except (WalError, OSError):
+            return []  # unreadable here: keep the rows' answers (the pump reports it)
+        return list(wanted)
 
     @contextlib.contextmanager
     def _every_stripe(self) -> Iterator[None]:

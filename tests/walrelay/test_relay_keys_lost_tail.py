@@ -168,3 +168,50 @@ def test_a_key_whose_carried_copy_was_lost_but_whose_original_remains_answers_fi
     finally:
         relay.close()
     assert again.lsn == original and live == [original], (again, live)
+
+
+def test_a_key_carried_twice_whose_earlier_copy_remains_answers_first(tmp_path: Path) -> None:
+    """Carried twice; the end of the log holding the second copy lost, the first copy
+    still above the low water mark (an older task holds it): the next pump replays the
+    first copy, so a retry of the key appends nothing."""
+    from tests.support.pumprig import Rig
+
+    wal_dir = tmp_path / "wal"
+    relay = make(wal_dir)
+    first = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
+    relay.send(reserve.s("slow-one"))  # a worker still busy with it: holds the mark
+    for i in range(60):
+        relay.send(reserve.s(f"filler-{i}"))
+    wal = relay.wal()
+    rig = Rig(wal, tmp_path, carry_after=100.0, checkpoint_interval=0.0)
+
+    def confirm_all_but_the_slow_one() -> None:
+        rig.steps(3)
+        rig.ack([m for m in rig.take("warehouse") if task_lsn(m.task_id) != first.lsn + 1])
+        rig.steps(3)
+
+    confirm_all_but_the_slow_one()
+    rig.run_for(110)  # carried once
+    for i in range(60):
+        relay.send(reserve.s(f"more-{i}"))
+    confirm_all_but_the_slow_one()
+    rig.run_for(110)  # carried again, the first copy released
+    assert rig.pump.stats.carried == 2
+    copies = keyed_lsns(wal, "remind")
+    assert copies[0] == first.lsn and len(copies) == 3
+    assert first.lsn < wal.low_water_mark() <= copies[1]
+    relay.close()
+    newest = sorted(wal_dir.glob("*.seg"))[-1]
+    assert copies[1] < int(newest.stem) <= copies[2]
+    newest.unlink()
+    repair = run_repair(wal_dir)
+    assert repair.returncode == 0 and "LOST" in repair.stdout, repair.stdout + repair.stderr
+
+    relay = make(wal_dir)
+    try:
+        wal = relay.wal()
+        again = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
+        live = [lsn for lsn in keyed_lsns(wal, "remind") if lsn >= wal.low_water_mark()]
+    finally:
+        relay.close()
+    assert again.lsn == first.lsn and live == [copies[1]], (again, live, copies)

@@ -44,8 +44,15 @@ class Reader:
         self._pos = 0  # offset in the segment of the record with LSN _cur
         self._cur = 0
         self._error: WalError | OSError | None = None  # raised by the next read
+        # The last chunk read, kept for the next call: where it starts in the segment, and
+        # the high water mark when it was read (records below it were whole then; bytes
+        # past it may have been mid-write, and are never parsed from this copy).
+        self._buf = b""
+        self._buf_pos = 0
+        self._buf_hwm = 0
 
     def close(self) -> None:
+        self._buf = b""
         if self._fd >= 0:
             self._fs.close(self._fd)
             self._fd = -1
@@ -76,6 +83,7 @@ class Reader:
         try:
             self._read_into(out, limit, max_records)
         except (WalError, OSError) as exc:
+            self._buf = b""  # the next call reads the disk again (a mended sector, say)
             if not out:
                 raise
             self._error = exc
@@ -86,8 +94,23 @@ class Reader:
         while self.next_lsn < limit and len(out) < max_records:
             if self._fd < 0:
                 self._open_segment_for(self.next_lsn)
+            base = self._pos - self._buf_pos
+            if (
+                self._cur < self._buf_hwm
+                and base >= 0
+                and base + RECORD_HEADER_SIZE <= len(self._buf)
+            ):  # the rest of the last chunk: a call that stopped at max_records goes on
+                try:
+                    used, _more = self._parse(self._buf, base, min(limit, self._buf_hwm),
+                                              max_records, out)  # fmt: skip
+                except CorruptLogError:
+                    used = 0  # the disk has the last word: read again from the bad record
+                if not used:
+                    self._buf = b""  # or its end cuts the next record: read on from here
+                continue
             buf = self._fs.pread(self._fd, need, self._pos)
-            used, more = self._parse(buf, limit, max_records, out)
+            self._buf, self._buf_pos, self._buf_hwm = buf, self._pos, limit
+            used, more = self._parse(buf, 0, limit, max_records, out)
             if used:
                 need = CHUNK
             elif more > len(buf) and len(buf) == need:
@@ -99,12 +122,13 @@ class Reader:
                 self._next_segment()  # zeros or end of file: this segment's data ends
 
     def _parse(
-        self, buf: bytes, limit: int, max_records: int, out: list[Record]
+        self, buf: bytes, base: int, limit: int, max_records: int, out: list[Record]
     ) -> tuple[int, int]:
-        """Parse whole records; returns (bytes used, bytes needed for the next record).
+        """Parse whole records from ``buf[base:]`` (at the position); returns (bytes used,
+        bytes needed for the next record).
 
         The position moves past exactly the records parsed, also when one fails."""
-        pos, lsn, want = 0, self._cur, self.next_lsn
+        pos, lsn, want = base, self._cur, self.next_lsn
         # Each LSN gives at most one record: stopping at this LSN bounds the batch
         # without counting the list on every record (as a bare loop would not).
         stop = min(limit, max(lsn, want) + max_records - len(out))
@@ -112,23 +136,24 @@ class Reader:
             pos, lsn = self._records(buf, pos, lsn, min(want, stop), None)
         if lsn >= want:
             pos, lsn = self._records(buf, pos, lsn, stop, out)
-        self._pos += pos
+        used = pos - base
+        self._pos += used
         self._cur = lsn
         self.next_lsn = max(want, lsn)
         if lsn >= stop:
-            return pos, 0
+            return used, 0
         # Stopped early: the end of the buffer, zeros, or a bad record.
         size, hsize = len(buf), RECORD_HEADER_SIZE
         if pos + hsize > size:
-            return pos, 0  # the next header is not (all) in this buffer: read on
+            return used, 0  # the next header is not (all) in this buffer: read on
         stored, length, rlsn, rtype = RECORD_HEADER.unpack_from(buf, pos)
         if stored == length == rlsn == rtype == 0:
-            return pos, 0  # zeros: this segment's data ends here
+            return used, 0  # zeros: this segment's data ends here
         if pos + hsize + length > size and length <= MAX_RECORD_BYTES:
-            return pos, hsize + length  # a whole record needs a bigger read
+            return used, hsize + length  # a whole record needs a bigger read
         reason = check_record(buf, pos, self._salt, lsn)[2]
         self._corrupt(0, reason or "record failed verification")
-        return pos, 0
+        return used, 0
 
     def _records(
         self, buf: bytes, pos: int, lsn: int, stop: int, out: list[Record] | None
@@ -184,6 +209,7 @@ class Reader:
             raise
         self._fd, self._seg, self._salt = fd, first, header.salt
         self._pos, self._cur = SEGMENT_HEADER_SIZE, first
+        self._buf = b""
 
     def _next_segment(self) -> None:
         """The data of this segment ends at ``_pos``: go on to the next segment, which must

@@ -5,8 +5,10 @@ batches of any size, makes a read fail with EIO, damages a record under the read
 mends it again. After every call: what ``read`` returned is exactly the model's records
 from the reader's old position, and ``next_lsn`` is the first LSN not returned; an error
 is raised only at a damaged record (``next_lsn`` then names it) or for an injected EIO,
-and never loses a record (the review found a failing chunk dropping the records parsed
-before it while ``next_lsn`` had moved past them)."""
+a record damaged after the reader read it into the chunk it keeps may come back intact
+from there (it verified when read), and a read never loses a record (the review found a
+failing chunk dropping the records parsed before it while ``next_lsn`` had moved past
+them)."""
 
 from __future__ import annotations
 
@@ -57,6 +59,10 @@ class ReaderMachine(RuleBasedStateMachine):
         self.payloads: list[bytes] = []
         self.where: dict[int, tuple[str, int]] = {}  # lsn -> (segment file, record offset)
         self.damaged: dict[int, int] = {}  # lsn -> offset of the flipped byte
+        # Damaged on disk after the reader had read them into the chunk it keeps: it may
+        # still hand them out intact from there (they verified when read), or read them
+        # again from the disk and report the damage.
+        self.in_copy: set[int] = set()
         self.reader: Reader | None = None
         # the error the next read raises (one of them)
         self.pending: type[Exception] | tuple[type[Exception], ...] | None = None
@@ -89,7 +95,7 @@ class ReaderMachine(RuleBasedStateMachine):
             self.where[lsn] = (segment_name(st.active), offset)
             self.payloads.append(payload)
 
-    @rule(max_records=st.integers(1, 40))
+    @rule(max_records=st.one_of(st.integers(1, 40), st.integers(41, 5000)))
     def read(self, max_records: int) -> None:
         before = self.rd.next_lsn
         if self.pending is not None:  # the last read stopped early: its error comes now
@@ -98,14 +104,17 @@ class ReaderMachine(RuleBasedStateMachine):
             self.pending = None
             assert self.rd.next_lsn == before
             return
-        damaged = min((d for d in self.damaged if d >= before), default=None)
+        ahead = sorted(d for d in self.damaged if d >= before)
         failures = self.fs.failures
         try:
             got = self.rd.read(max_records)
         except CorruptLogError as exc:
-            # Only at the damaged record, with the reader positioned on it.
-            assert damaged is not None and self.rd.next_lsn == damaged, (damaged, exc)
-            assert (exc.segment, exc.offset) == self.where[damaged], exc
+            # Only at a damaged record, with the reader positioned on it (past damaged
+            # ones only if it still had them, read intact, in its chunk).
+            at = self.rd.next_lsn
+            assert at in self.damaged, (before, at, ahead, exc)
+            assert all(d in self.in_copy for d in ahead if d < at), (before, at, ahead)
+            assert (exc.segment, exc.offset) == self.where[at], exc
             return
         except OSError as exc:
             assert exc.errno == errno.EIO and failures > self.fs.failures
@@ -114,15 +123,16 @@ class ReaderMachine(RuleBasedStateMachine):
         end = before + len(got)
         assert got == [(i, self.payloads[i]) for i in range(before, end)]
         assert self.rd.next_lsn == end
+        assert all(d in self.in_copy for d in ahead if d < end), (before, end, ahead)
         if len(got) < max_records and end < len(self.payloads):
             # Stopped early, at the damage or at an injected EIO: returned what it had.
             # Both at once (the read of the damaged record failed): either comes next.
-            eio = failures > self.fs.failures
-            assert end == damaged or eio, (before, end, damaged)
-            if end == damaged and eio:
+            eio, hit = failures > self.fs.failures, end in self.damaged
+            assert hit or eio, (before, end, ahead)
+            if hit and eio:
                 self.pending = (CorruptLogError, OSError)
             else:
-                self.pending = CorruptLogError if end == damaged else OSError
+                self.pending = CorruptLogError if hit else OSError
 
     @rule(failures=st.integers(1, 3))
     def fail_reads(self, failures: int) -> None:
@@ -136,12 +146,23 @@ class ReaderMachine(RuleBasedStateMachine):
         at = offset + data.draw(st.integers(0, RECORD_HEADER_SIZE + len(self.payloads[lsn]) - 1))
         self._flip(name, at)
         self.damaged[lsn] = at
+        rd, end = self.reader, offset + RECORD_HEADER_SIZE + len(self.payloads[lsn])
+        if (
+            rd is not None
+            and rd._buf
+            and segment_name(rd._seg) == name
+            and lsn < rd._buf_hwm
+            and rd._buf_pos <= offset
+            and end <= rd._buf_pos + len(rd._buf)
+        ):
+            self.in_copy.add(lsn)
 
     @precondition(lambda self: bool(self.damaged))
     @rule(data=st.data())
     def mend(self, data: st.DataObject) -> None:
         lsn = data.draw(st.sampled_from(sorted(self.damaged)))
         self._flip(self.where[lsn][0], self.damaged.pop(lsn))
+        self.in_copy.discard(lsn)
 
     def _flip(self, name: str, at: int) -> None:
         with open(self.dir / name, "r+b") as f:

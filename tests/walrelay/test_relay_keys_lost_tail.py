@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.lost_tail import keyed_lsns, make, run_repair, task_lsn
 from tests.walrelay.shop_tasks import reserve
+from walrelay import Receipt
 from walrelay.keys import index_for
 from walrelay.record import decode
 
@@ -118,6 +119,19 @@ def test_a_key_whose_carried_copy_was_lost_with_the_tail_is_sent_again(
     )
 
 
+def retry_the_reminder(wal_dir: Path) -> tuple[Receipt, list[int]]:
+    """Send the reminder again under its key: (the receipt, the LSNs of its records the
+    next pump would deliver, at or above the low water mark)."""
+    relay = make(wal_dir)
+    try:
+        wal = relay.wal()
+        again = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
+        live = [lsn for lsn in keyed_lsns(wal, "remind") if lsn >= wal.low_water_mark()]
+    finally:
+        relay.close()
+    return again, live
+
+
 def _carry_then_lose_the_copy(tmp_path: Path, older_unconfirmed: bool) -> int:
     """A keyed reminder carried forward by a pump; the segment holding the carried copy
     lost and repaired while the original is still at or above the low water mark: the
@@ -160,13 +174,7 @@ def test_a_key_whose_carried_copy_was_lost_but_whose_original_remains_answers_fi
     record was not lost, and a retry of the key returns the first receipt (review: it
     appended a second record, and the task ran twice)."""
     original = _carry_then_lose_the_copy(tmp_path, older_unconfirmed)
-    relay = make(tmp_path / "wal")
-    try:
-        wal = relay.wal()
-        again = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
-        live = [lsn for lsn in keyed_lsns(wal, "remind") if lsn >= wal.low_water_mark()]
-    finally:
-        relay.close()
+    again, live = retry_the_reminder(tmp_path / "wal")
     assert again.lsn == original and live == [original], (again, live)
 
 
@@ -207,11 +215,5 @@ def test_a_key_carried_twice_whose_earlier_copy_remains_answers_first(tmp_path: 
     repair = run_repair(wal_dir)
     assert repair.returncode == 0 and "LOST" in repair.stdout, repair.stdout + repair.stderr
 
-    relay = make(wal_dir)
-    try:
-        wal = relay.wal()
-        again = relay.send(reserve.s("remind").set(countdown=3 * 86400), key="remind")
-        live = [lsn for lsn in keyed_lsns(wal, "remind") if lsn >= wal.low_water_mark()]
-    finally:
-        relay.close()
+    again, live = retry_the_reminder(wal_dir)
     assert again.lsn == first.lsn and live == [copies[1]], (again, live, copies)

@@ -45,8 +45,9 @@ def make_private_dirs(path: str) -> None:
         try:
             os.mkdir(d, DIR_MODE)
         except FileExistsError:
-            if not os.path.isdir(d):
-                raise
+            if not os.path.isdir(d):  # a file in its place (or among its parents)
+                why = "not a directory (a log needs one)"
+                raise NotADirectoryError(errno.ENOTDIR, why, d) from None
             continue  # another process made it first: it checks it, as we do next
         os.chmod(d, DIR_MODE)
 

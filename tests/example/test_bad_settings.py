@@ -60,6 +60,7 @@ def test_a_file_where_the_log_should_be_stops_the_pump_in_one_line(tmp_path: Pat
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "Traceback" not in out, out
     assert str(tmp_path / "wal") in out and len(out.strip().splitlines()) <= 2, out
+    assert "not a directory" in out, out  # it said "[Errno 17] File exists"
 
 
 @pytest.mark.parametrize(

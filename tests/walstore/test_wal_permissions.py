@@ -89,3 +89,15 @@ def test_a_wal_dir_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     with pytest.raises(WalError, match=rf"owned by uid 4242.*uid {os.geteuid()}"):
         Wal.open(wal_dir, OPTS)
     assert os.listdir(wal_dir) == []
+
+
+def test_a_file_where_the_log_directory_should_be_is_named_not_a_directory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "wal").write_text("a file")
+    with pytest.raises(NotADirectoryError) as info:
+        Wal.open(tmp_path / "wal" / "inner")
+    assert "not a directory" in str(info.value) and str(tmp_path / "wal") in str(info.value)
+    with pytest.raises(NotADirectoryError) as info:
+        Wal.open(tmp_path / "wal")
+    assert "not a directory" in str(info.value)

@@ -19,6 +19,7 @@ import click
 from celery.bin.base import CeleryCommand
 
 from walstore import Options, Wal, WalError
+from walstore.fs import make_private_dirs
 
 from ..brokers.kombu import KombuPublisher
 from ..deadletters import DeadLetterStore
@@ -37,7 +38,7 @@ def acquire_pump_lock(wal_dir: str) -> int:
     """flock WAL_DIR/pump.lock (held until the process exits) and write our pid in it.
 
     Raises PumpLockedError naming the holder's pid."""
-    os.makedirs(wal_dir, mode=0o700, exist_ok=True)
+    make_private_dirs(wal_dir)  # a file in its place: "not a directory", named
     path = os.path.join(wal_dir, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -306,8 +306,8 @@ class KeyIndex:
                                      (lost, lost))  # fmt: skip
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('lost_tails', ?)",
                                  (json.dumps(tails),))  # fmt: skip
-            if fresh:
-                self._index_log(wal, min(fresh), None, None)
+            if lost is not None:
+                self._index_log(wal, lost, None, None)
 
     def _carried_away(self, wal: Wal, lost: int) -> list[str]:
         """The keys whose record the pump carried forward to ``lost`` or past it, and of

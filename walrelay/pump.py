@@ -293,14 +293,15 @@ class Pump:
             logger.error("pump: cannot carry %d held record(s) forward: %s", len(held), exc)
             self._next_carry = now + 10.0
             return
-        moved = zip(held, entries, lsns, strict=True)
-        self._note_carried([(e.key, p.identity, new) for p, e, new in moved
-                            if e.key and e.created is not None])  # fmt: skip
-        for p, new in zip(held, lsns, strict=True):
+        moves: list[tuple[str, int, int]] = []
+        for p, entry, new in zip(held, entries, lsns, strict=True):
+            if entry.key and entry.created is not None:
+                moves.append((entry.key, p.identity, new))
             self.parking.remove(p.identity)
             self.pending.pop(p.lsn, None)
             logger.debug("pump: entry %d carried forward from LSN %d to %d", p.identity, p.lsn,
                          new)  # fmt: skip
+        self._note_carried(moves)
         self.stats.carried += len(held)
 
     def _note_carried(self, moves: list[tuple[str, int, int]]) -> None:

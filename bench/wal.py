@@ -11,6 +11,10 @@ Rows (256-byte records; every append durable before the next one starts):
 - raw-1: one process pwrite + fdatasync into its own pre-zeroed file: the disk's limit
   for one writer.
 - raw-16: sixteen such processes, each on its own file (total appends/s).
+- floor-1: the least a log appended to from Python must do, in one process: take an
+  exclusive lock (flock), frame and checksum the record (walstore's ``pack_record``),
+  pwrite, fdatasync, unlock; no shared state, no recovery of a dead writer. What the
+  language leaves of raw-1, against which walstore-1's own bookkeeping shows.
 - walstore-1 / walstore-16: producers appending to one WAL (fsync policy always).
 - sqlite-1 / sqlite-16: one and sixteen processes inserting one row per commit into one
   SQLite database (WAL mode, synchronous=FULL).
@@ -18,6 +22,10 @@ Rows (256-byte records; every append durable before the next one starts):
   (``relay.send`` of the warehouse and finance tasks with the purchase id as idempotency
   key), on one WAL: what a web app gets, against walstore-16's raw ``Wal.append``.
 - cpu/append: every producer's user+sys time over the appends (walstore-16 is the goal).
+- CPU budget: for each goal at sixteen producers, the CPU per append that would let it
+  be met with every core of this machine busy all the time (cores / (goal x baseline
+  rate)), next to what the case spends: a case above its budget cannot meet the goal
+  on this machine however its flushes are scheduled.
 - open: ``Wal.open`` of a log of ``--records`` records (recovery: headers and the newest
   segment only), in a fresh process.
 - iteration: ``Wal.iter_from`` over that log, against a bare Python loop that reads the
@@ -30,6 +38,7 @@ Rows (256-byte records; every append durable before the next one starts):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing as mp
 import os
@@ -45,7 +54,7 @@ from typing import Any
 import crc32c
 
 from walstore import Options, SyncPolicy, Wal
-from walstore.format import RECORD_HEADER, SEGMENT_HEADER_SIZE, unpack_segment_header
+from walstore.format import RECORD_HEADER, SEGMENT_HEADER_SIZE, pack_record, unpack_segment_header
 
 RECORD = 256
 RAW_FILE_BYTES = 8 << 20  # each raw writer's pre-zeroed file (written round and round)
@@ -86,6 +95,25 @@ def _raw_writer(path: str, proc: int, start: float, stop: float, out: Any) -> No
         n += 1
         off = (off + RECORD) % RAW_FILE_BYTES
     out.put((n, _cpu() - cpu))
+    os.close(fd)
+
+
+def _floor_writer(path: str, proc: int, start: float, stop: float, out: Any) -> None:
+    fd = os.open(path, os.O_RDWR)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    n, off = 0, 0
+    _wait(start)
+    cpu = _cpu()
+    while time.time() < stop:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = pack_record(1, n, _payload(proc, n))
+        os.pwrite(fd, record, off)
+        os.fdatasync(fd)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        n += 1
+        off = (off + len(record)) % (RAW_FILE_BYTES - len(record))
+    out.put((n, _cpu() - cpu))
+    os.close(lock)
     os.close(fd)
 
 
@@ -157,14 +185,14 @@ def _case(name: str, root: str, seconds: float) -> dict[str, float]:
     where = os.path.join(root, name)
     os.makedirs(where)
     try:
-        if kind == "raw":
+        if kind in ("raw", "floor"):
             paths = [os.path.join(where, f"raw{i}") for i in range(n)]
             for path in paths:  # pre-zeroed and durable, so fdatasync needs no metadata
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
                 os.pwrite(fd, bytes(RAW_FILE_BYTES), 0)
                 os.fsync(fd)
                 os.close(fd)
-            return _producers(_raw_writer, paths, seconds)
+            return _producers(_raw_writer if kind == "raw" else _floor_writer, paths, seconds)
         if kind in ("walstore", "purchase"):
             wal_dir = os.path.join(where, "wal")
             Wal.open(wal_dir).close()  # the first (preallocated) segment exists up front
@@ -188,7 +216,8 @@ def _case(name: str, root: str, seconds: float) -> dict[str, float]:
         shutil.rmtree(where, ignore_errors=True)
 
 
-CASES = ("raw-1", "walstore-1", "sqlite-1", "raw-16", "walstore-16", "sqlite-16", "purchase-16")
+CASES = ("raw-1", "floor-1", "walstore-1", "sqlite-1", "raw-16", "walstore-16", "sqlite-16",
+         "purchase-16")  # fmt: skip
 
 
 # ----------------------------------------------------------------- reading
@@ -326,7 +355,7 @@ def _report(
     rates = {c: [r["rate"] for r in runs[c]] for c in CASES}
     goals = []
     for name, num, den, minimum in GOALS:
-        ratios = [a / b for a, b in zip(rates[num], rates[den], strict=True)]
+        ratios = _ratios(rates, num, den)
         goals.append({"goal": f"{name} >= {minimum}", **summary(ratios), "ok": None})
     cpu = [r["cpu_us"] for r in runs["walstore-16"]]
     goals.append({"goal": f"cpu/append at 16 producers <= {CPU_GOAL_US:.0f} us", **summary(cpu)})
@@ -335,6 +364,15 @@ def _report(
     goals.append({"goal": f"iteration / bare loop >= {ITER_GOAL}", **summary(iters)})
     for g, ok in zip(goals, _goal_checks(goals), strict=True):
         g["ok"] = ok
+    cores = os.cpu_count() or 1
+    budgets = []
+    for name, num, den, minimum in GOALS:
+        if not num.endswith("-16"):
+            continue
+        allowed = [cores * 1e6 / (minimum * b) for b in rates[den]]
+        spent = [r["cpu_us"] for r in runs[num]]
+        budgets.append({"goal": f"{name} >= {minimum}", "case": num, "cores": cores,
+                        "budget_us": summary(allowed), "spent_us": summary(spent)})  # fmt: skip
     return {
         "args": {"seconds": args.seconds, "reps": args.reps, "records": args.records},
         "cases": {
@@ -346,9 +384,18 @@ def _report(
             for c in CASES
         },
         "goals": goals,
+        "cpu_budgets": budgets,
+        "floor": {
+            "floor-1 / raw-1": summary(_ratios(rates, "floor-1", "raw-1")),
+            "walstore-1 / floor-1": summary(_ratios(rates, "walstore-1", "floor-1")),
+        },
         "read": {"records_per_s": summary(big["read"]), "bare_per_s": summary(big["bare"])},
         "memory_kib": {"tenth": small["rss_growth_kib"], "full": big["rss_growth_kib"]},
     }
+
+
+def _ratios(rates: dict[str, list[float]], num: str, den: str) -> list[float]:
+    return [a / b for a, b in zip(rates[num], rates[den], strict=True)]
 
 
 def _goal_checks(goals: list[dict[str, Any]]) -> list[bool]:
@@ -375,6 +422,15 @@ def _print(report: dict[str, Any]) -> None:
     for g in report["goals"]:
         print(f"  {'MET ' if g['ok'] else 'MISS'} {g['goal']:<42} {g['median']:>8.2f} "
               f"({g['min']:.2f}-{g['max']:.2f})")  # fmt: skip
+    for name, f in report["floor"].items():
+        print(f"  info {name:<42} {f['median']:>8.2f} ({f['min']:.2f}-{f['max']:.2f})")
+    print("\nCPU per append each goal leaves with every core busy, against what it takes: "
+          "median (min-max)")  # fmt: skip
+    for b in report["cpu_budgets"]:
+        a, t = b["budget_us"], b["spent_us"]
+        print(f"  {b['goal']:<32} budget {a['median']:>5.0f} us ({a['min']:.0f}-{a['max']:.0f}) "
+              f"on {b['cores']} cores; {b['case']} takes {t['median']:>5.0f} us "
+              f"({t['min']:.0f}-{t['max']:.0f})")  # fmt: skip
     rd, mem = report["read"], report["memory_kib"]
     print(f"\niteration {rd['records_per_s']['median'] / 1e6:.2f} M records/s, bare loop "
           f"{rd['bare_per_s']['median'] / 1e6:.2f} M records/s (medians)")  # fmt: skip

@@ -69,6 +69,7 @@ forward by the next recovery.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Final, NamedTuple
 
 import crc32c
@@ -99,9 +100,9 @@ CHECKPOINT = struct.Struct("<QI4x")
 FORMAT_VERSION: Final = 1
 
 
-def crc(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
-    """CRC32C (hardware accelerated where the CPU has it)."""
-    return int(crc32c.crc32c(data, seed))
+# CRC32C (hardware accelerated where the CPU has it) of ``data``, seeded: the library's
+# function itself, not a wrapper (an append computes four or more).
+crc: Callable[..., int] = crc32c.crc32c
 
 
 def segment_name(first_lsn: int) -> str:
@@ -142,10 +143,13 @@ def unpack_segment_header(data: bytes) -> SegmentHeader:
     return SegmentHeader(salt, first_lsn, prev, wal_id)
 
 
+_RECORD_TAIL = struct.Struct("<IQB3x")  # RECORD_HEADER without its checksum
+_CHECKSUM = struct.Struct("<I")
+
+
 def pack_record(salt: int, lsn: int, payload: bytes, rtype: int = TYPE_DATA) -> bytes:
-    head = RECORD_HEADER.pack(0, len(payload), lsn, rtype)
-    checksum = crc(payload, crc(head[4:], salt))
-    return struct.pack("<I", checksum) + head[4:] + payload
+    tail = _RECORD_TAIL.pack(len(payload), lsn, rtype)
+    return _CHECKSUM.pack(crc(payload, crc(tail, salt))) + tail + payload
 
 
 def pack_checkpoint(lsn: int) -> bytes:

@@ -41,6 +41,7 @@ _MAGIC = b"WALSHM\x00\x03"
 _REPAIR_MAGIC = b"WALRPR\x00\x03"  # walstore repair runs; the generation field is its pid
 _HEAD = struct.Struct("<8sQ")  # magic, generation
 _WRITE = struct.Struct("<QIIQQQQQI")  # WriteState, then the CRC of the rest
+_WRITE_BODY = struct.Struct("<QIIQQQQQ")  # the same without the CRC
 _SELECTOR_OFF = 64  # which copy of the write region is current: 0 or 1
 _WRITE_OFFS = (72, 136)
 _SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
@@ -142,6 +143,9 @@ class SharedState:
             raise
         self._view = memoryview(self._mm)
         self.flush_word = Word(self._mm, _FLUSH_WORD_OFF)
+        # The last write region this process verified or wrote, as (bytes, state): the
+        # same bytes again need no unpacking or checksum (one tuple: threads read it).
+        self._known: tuple[bytes, WriteState] = (b"", WriteState(0, 0, 0, 0, 0, 0, 0))
 
     def close(self) -> None:
         self.flush_word.close()
@@ -201,10 +205,16 @@ class SharedState:
         """The current write region; raises TornStateError if it is being rewritten
         (only possible without the write lock)."""
         off = _WRITE_OFFS[self._mm[_SELECTOR_OFF] & 1]
-        *fields, stored = _WRITE.unpack_from(self._mm, off)
-        if crc(self._view[off : off + _WRITE.size - 4]) != stored:
+        raw = self._mm[off : off + _WRITE.size]
+        known = self._known
+        if raw == known[0]:
+            return known[1]
+        *fields, stored = _WRITE.unpack(raw)
+        if crc(raw[: _WRITE_BODY.size]) != stored:
             raise TornStateError("shared write state checksum mismatch")
-        return WriteState(*fields)
+        state = WriteState(*fields)
+        self._known = (raw, state)
+        return state
 
     def write_state_snapshot(self, tries: int = 200) -> WriteState:
         """A consistent read without the write lock (retries while a writer updates).
@@ -224,9 +234,11 @@ class SharedState:
         mm = self._mm
         spare = (mm[_SELECTOR_OFF] & 1) ^ 1
         off = _WRITE_OFFS[spare]
-        _WRITE.pack_into(mm, off, *state, 0)
-        _U32.pack_into(mm, off + _WRITE.size - 4, crc(self._view[off : off + _WRITE.size - 4]))
+        body = _WRITE_BODY.pack(*state)
+        raw = body + _U32.pack(crc(body))
+        mm[off : off + _WRITE.size] = raw
         mm[_SELECTOR_OFF] = spare  # one byte: the switch is atomic
+        self._known = (raw, state)
 
     def take_batch_id(self) -> int:
         """A batch id never used before in this state (write lock held)."""

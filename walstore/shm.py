@@ -23,6 +23,7 @@ disk; later ones attach to it (see walstore.attach).
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -44,8 +45,7 @@ _WRITE = struct.Struct("<QIIQQQQQI")  # WriteState, then the CRC of the rest
 _WRITE_BODY = struct.Struct("<QIIQQQQQ")  # the same without the CRC
 _SELECTOR_OFF = 64  # which copy of the write region is current: 0 or 1
 _WRITE_OFFS = (72, 136)
-_SYNC = struct.Struct("<QI")  # synced_lsn (high water mark), poisoned
-_SYNCED, _POISONED = struct.Struct("<Q"), struct.Struct("<I")  # its fields, written apart
+_SYNC_OFF_POISONED = 8  # the sync region: u64 synced_lsn (high water mark), u32 poisoned
 _SYNC_OFF = 200
 _FLUSH_WORD_OFF = 224  # u32, the futex followers sleep on
 _U64, _U32 = struct.Struct("<Q"), struct.Struct("<I")
@@ -143,12 +143,21 @@ class SharedState:
             raise
         self._view = memoryview(self._mm)
         self.flush_word = Word(self._mm, _FLUSH_WORD_OFF)
+        # The fields other processes read without a lock, each stored and loaded in one
+        # machine word: struct.pack_into zeroes its bytes before it writes them, and a
+        # reader saw the high water mark go back to 0 for that moment.
+        self._synced = ctypes.c_uint64.from_buffer(self._mm, _SYNC_OFF)
+        self._poisoned = ctypes.c_uint32.from_buffer(self._mm, _SYNC_OFF + _SYNC_OFF_POISONED)
+        self._hint = ctypes.c_uint32.from_buffer(self._mm, _SLOTS_HINT_OFF)
+        self._states = [ctypes.c_uint32.from_buffer(self._mm, _slot_off(slot))
+                        for slot in range(SLOT_COUNT)]  # fmt: skip
         # The last write region this process verified or wrote, as (bytes, state): the
         # same bytes again need no unpacking or checksum (one tuple: threads read it).
         self._known: tuple[bytes, WriteState] = (b"", WriteState(0, 0, 0, 0, 0, 0, 0))
 
     def close(self) -> None:
         self.flush_word.close()
+        del self._synced, self._poisoned, self._hint, self._states  # they pin the mapping
         self._view.release()
         self._mm.close()
         os.close(self._fd)
@@ -171,10 +180,11 @@ class SharedState:
         # log this recovery found, and must never be written later. Resetting a slot when
         # it is claimed is not enough: a claim and its reset are two steps, and another
         # producer's claim may raise the hint past a claimed slot not yet reset.
-        for slot in range(SLOT_COUNT):
-            _U32.pack_into(self._mm, _slot_off(slot), SLOT_FREE)
+        for slot_state in self._states:
+            slot_state.value = SLOT_FREE
         self.set_write(state)
-        _SYNC.pack_into(self._mm, _SYNC_OFF, synced_lsn, 0)
+        self._synced.value = synced_lsn
+        self._poisoned.value = 0
         _U64.pack_into(self._mm, _NEXT_BATCH_OFF, 1)
         _IDS_COUNT.pack_into(self._mm, _IDS_OFF, len(identities))
         for i, ident in enumerate(identities):
@@ -248,23 +258,23 @@ class SharedState:
 
     # -- sync region --
     def synced_lsn(self) -> int:
-        return int(_SYNCED.unpack_from(self._mm, _SYNC_OFF)[0])
+        return int(self._synced.value)
 
     def poisoned(self) -> bool:
-        return bool(_SYNC.unpack_from(self._mm, _SYNC_OFF)[1])
+        return bool(self._poisoned.value)
 
     def set_synced(self, synced_lsn: int) -> None:
         """Publish the high water mark (write lock held). Never touches the poisoned
         flag, which another process may set at any moment."""
-        _SYNCED.pack_into(self._mm, _SYNC_OFF, synced_lsn)
+        self._synced.value = synced_lsn
 
     def set_poisoned(self) -> None:
         """Poison the log for every process; only ``initialise`` (recovery) clears it."""
-        _POISONED.pack_into(self._mm, _SYNC_OFF + _SYNCED.size, 1)
+        self._poisoned.value = 1
 
     # -- slots --
     def slots_hint(self) -> int:
-        return int(_U32.unpack_from(self._mm, _SLOTS_HINT_OFF)[0])
+        return int(self._hint.value)
 
     def ready_slots(self) -> int:
         """How many slots are ready (a hint: read without any lock)."""
@@ -297,7 +307,7 @@ class SharedState:
         slot left ready by a process that died)."""
         _SLOT.pack_into(self._mm, _slot_off(slot), SLOT_FREE, 0, 0, 0, 0, 0, 0)
         if self.slots_hint() <= slot:
-            _U32.pack_into(self._mm, _SLOTS_HINT_OFF, slot + 1)
+            self._hint.value = slot + 1
 
     def fill_slot(self, slot: int, payloads: list[bytes]) -> None:
         """The owner puts its payloads in, then marks the slot ready (last)."""
@@ -309,7 +319,7 @@ class SharedState:
         head = _SLOT.pack(SLOT_FREE, len(payloads), len(data), crc(data), 0, 0, 0)
         mm = self._mm
         mm[off : off + _SLOT_DATA + len(data)] = head + bytes(_SLOT_DATA - _SLOT.size) + data
-        _U32.pack_into(mm, off, SLOT_READY)  # last: the data and header are in place
+        self._states[slot].value = SLOT_READY  # last: the data and header are in place
 
     def slot_result(self, slot: int) -> tuple[int, int, int, int]:
         """(state, first LSN, count, error) of a slot."""
@@ -342,9 +352,8 @@ class SharedState:
         _U64.pack_into(self._mm, off + 32, first)
 
     def set_slot_state(self, slot: int, state: int, err: int = 0) -> None:
-        off = _slot_off(slot)
-        _U32.pack_into(self._mm, off + 16, err)
-        _U32.pack_into(self._mm, off, state)
+        _U32.pack_into(self._mm, _slot_off(slot) + 16, err)  # read only once the state says so
+        self._states[slot].value = state
 
 
 class FileLock:

@@ -6,6 +6,7 @@ import os
 import struct
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import crc32c as _crc32c
 
@@ -192,13 +193,25 @@ class Reader:
         firsts = list_segments(self._fs, self._dir)
         idx = bisect_right(firsts, lsn) - 1
         if idx < 0:
-            first = firsts[0] if firsts else None
-            raise LsnOutOfRangeError(f"LSN {lsn} is no longer in the log (first LSN: {first})")
-        self._open(firsts[idx])
+            self._pruned(lsn, firsts)
+        self._open(firsts[idx], lsn)
 
-    def _open(self, first: int) -> None:
+    def _pruned(self, lsn: int, firsts: list[int]) -> NoReturn:
+        """``lsn`` is below every segment left: pruned (a prune removes the oldest
+        segments, wholly below the low water mark), not a gap."""
+        first = firsts[0] if firsts else None
+        raise LsnOutOfRangeError(f"LSN {lsn} is no longer in the log (first LSN: {first})")
+
+    def _open(self, first: int, lsn: int) -> None:
+        """Open the segment starting at ``first`` to read ``lsn`` in it."""
         self.close()
-        fd = self._fs.open(segment_path(self._dir, first), os.O_RDONLY)
+        try:
+            fd = self._fs.open(segment_path(self._dir, first), os.O_RDONLY)
+        except FileNotFoundError:
+            firsts = list_segments(self._fs, self._dir)  # listed, then pruned meanwhile?
+            if not firsts or firsts[0] > first:
+                self._pruned(lsn, firsts)
+            raise
         try:
             header = unpack_segment_header(self._fs.pread(fd, SEGMENT_HEADER_SIZE, 0))
         except ValueError as exc:
@@ -217,6 +230,8 @@ class Reader:
         firsts = list_segments(self._fs, self._dir)
         # A segment with no record at all ends where it starts: its next is not itself.
         if self._cur == self._seg or self._cur not in firsts:
+            if firsts and firsts[0] > self._cur:
+                self._pruned(self._cur, firsts)  # under this reader, by another handle
             buf = self._fs.pread(self._fd, RECORD_HEADER_SIZE, self._pos)
             later = [f for f in firsts if f > self._seg]
             if buf:  # zeros or part of a header where the next record should start
@@ -226,4 +241,4 @@ class Reader:
             else:
                 reason = f"data ends at LSN {self._cur} and no segment follows"
             self._corrupt(0, reason)
-        self._open(self._cur)
+        self._open(self._cur, self._cur)

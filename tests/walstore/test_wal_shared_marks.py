@@ -32,7 +32,9 @@ def test_the_high_water_mark_never_reads_lower_while_others_append(tmp_path: Pat
         subprocess.Popen([sys.executable, "-c", APPENDER, str(directory), str(seconds)])
         for _ in range(3)
     ]
-    went_back, refused, reads = [], [], 0
+    went_back: list[tuple[int, int]] = []
+    refused: list[str] = []
+    reads = 0
     try:
         with Wal.open(directory, Options(min_free_bytes=0)) as wal:
             deadline = time.monotonic() + 30

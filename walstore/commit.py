@@ -46,7 +46,7 @@ from .shm import (
     WriteState,
     slot_bytes,
 )
-from .writer import SegmentWriter
+from .writer import ERR_UNKNOWN, SegmentWriter
 
 # A follower re-checks at least this often, whatever it hears: covers a leader killed
 # before waking anyone, and the rare wake-up that lands between a check and the sleep.
@@ -153,6 +153,8 @@ class Writer(SegmentWriter):
                 state, first, count, err = shm.slot_result(slot)
                 if state == SLOT_WRITTEN and shm.synced_lsn() >= first + count:
                     shm.set_slot_state(slot, SLOT_FREE)  # no leader looks at it now
+                    if count != len(payloads):  # the slot was overwritten: which LSNs?
+                        raise self._slot_error(ERR_UNKNOWN)
                     return range(first, first + count)
                 if state == SLOT_FAILED:
                     raise self._slot_error(err)

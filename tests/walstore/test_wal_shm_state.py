@@ -4,6 +4,7 @@ damage at once (walstore.shm.SharedState.write_state)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,57 @@ def test_every_read_is_the_last_write_or_torn(
     finally:
         one.close()
         two.close()
+
+
+def test_a_slot_zeroed_while_its_producer_waits_is_an_unknown_outcome(tmp_path: Path) -> None:
+    """The shared state (a cache) overwritten with zeros under a waiting producer: the
+    leader marks the slot written, but the slot no longer says which LSNs. The producer
+    was told LSN 0, a record it never appended; now the outcome is unknown."""
+    import threading
+
+    from walstore import Wal, WalError
+    from walstore.shm import SLOT_COUNT, SLOT_READY, SLOT_WRITTEN
+
+    holder, waiter = Wal.open(tmp_path / "wal"), Wal.open(tmp_path / "wal")
+    try:
+        holder.append(b"first")
+        wlock, shm = holder._writer._wlock, holder._writer._shm  # type: ignore[union-attr]
+        pool = waiter._writer._pool  # type: ignore[union-attr]
+        claimed = pool.get()  # its slot claimed now (a claim takes the write lock)
+        assert claimed is not None
+        pool.put(claimed)
+        wlock.acquire()  # a flush under way: the waiter's append goes to a slot
+        outcome: list[object] = []
+        thread = threading.Thread(target=lambda: outcome.append(_attempt(waiter, b"second")))
+        thread.start()
+        deadline = time.monotonic() + 10
+        ready: list[int] = []
+        while not ready and time.monotonic() < deadline:
+            ready = [s for s in range(SLOT_COUNT) if shm._mm[shm_slot(s)] == SLOT_READY]
+            time.sleep(0.001)
+        assert ready, "the waiter never filled a slot"
+        (slot,) = ready
+        shm._mm[shm_slot(slot) : shm_slot(slot) + 48] = bytes(48)  # zeroed
+        shm.set_slot_state(slot, SLOT_WRITTEN)
+        wlock.release()
+        thread.join(10)
+        assert not thread.is_alive()
+        (result,) = outcome
+        assert isinstance(result, WalError), f"append returned {result!r}"
+        assert "unknown" in str(result)
+    finally:
+        waiter.close()
+        holder.close()
+
+
+def shm_slot(slot: int) -> int:
+    from walstore.shm import _slot_off
+
+    return _slot_off(slot)
+
+
+def _attempt(wal: object, payload: bytes) -> object:
+    try:
+        return wal.append(payload)  # type: ignore[attr-defined]
+    except Exception as exc:
+        return exc

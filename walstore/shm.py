@@ -11,7 +11,9 @@ disk; later ones attach to it (see walstore.attach).
   started; a process killed inside the write lock leaves the intent set and the next
   holder cleans up after it (so a half record never ends up in the middle of the log).
   Two copies and a one-byte selector: an update writes the unused copy, then flips the
-  selector, so a writer killed mid-update never leaves the selected copy torn.
+  selector, so a writer killed mid-update never leaves the selected copy torn. Each copy
+  carries a generation: a selector that names the older of two sound copies (damaged)
+  is refused like a torn copy, and the state is read back from disk.
 - The sync region: the high water mark (every LSN below it is durable), and the
   poisoned flag (an fsync failed; nothing more is acknowledged until recovery).
 - The flush word: bumped at the end of every flush; followers sleep on it (a futex).
@@ -36,15 +38,17 @@ from .format import crc
 from .fs import open_private
 from .futex import Word
 
-# Version 3: the slots and the double write region. A process of an older release finds
-# the magic unknown and does not attach.
-_MAGIC = b"WALSHM\x00\x03"
+# Version 4: the write region's generations (3: the slots and the double write region).
+# A process of an older release finds the magic unknown and does not attach.
+_MAGIC = b"WALSHM\x00\x04"
 _REPAIR_MAGIC = b"WALRPR\x00\x03"  # walstore repair runs; the generation field is its pid
 _HEAD = struct.Struct("<8sQ")  # magic, generation
-_WRITE = struct.Struct("<QIIQQQQQI")  # WriteState, then the CRC of the rest
-_WRITE_BODY = struct.Struct("<QIIQQQQQ")  # the same without the CRC
+_WRITE = struct.Struct("<QIIQQQQQII")  # WriteState, generation, then the CRC of the rest
+_WRITE_BODY = struct.Struct("<QIIQQQQQI")  # the same without the CRC
+_GEN_OFF, _GEN = 56, struct.Struct("<I")  # a copy's generation, within it
 _SELECTOR_OFF = 64  # which copy of the write region is current: 0 or 1
 _WRITE_OFFS = (72, 136)
+_REGION_END = _WRITE_OFFS[1] + _WRITE.size  # the selector and both copies end here
 _SYNC_OFF_POISONED = 8  # the sync region: u64 synced_lsn (high water mark), u32 poisoned
 _SYNC_OFF = 200
 _FLUSH_WORD_OFF = 224  # u32, the futex followers sleep on
@@ -120,6 +124,28 @@ def repairing_pid(path: str) -> int | None:
     except PermissionError:
         pass  # alive, someone else's
     return int(pid)
+
+
+def _newer(a: int, b: int) -> bool:
+    """Generation ``a`` is after ``b`` (32-bit serial numbers: they wrap)."""
+    return 0 < (a - b) & 0xFFFFFFFF < 0x80000000
+
+
+def _decode_region(region: bytes) -> WriteState:
+    """The state the selector and the two copies of the write region (read from the
+    selector on, in one piece) say; TornStateError if the selected copy does not verify,
+    or if the selector names the older of two sound copies (damaged, or read between a
+    writer's two steps): never act on a state one update old."""
+    selected = region[0] & 1
+    off = _WRITE_OFFS[selected] - _SELECTOR_OFF
+    *fields, gen, stored = _WRITE.unpack_from(region, off)
+    if crc(region[off : off + _WRITE_BODY.size]) != stored:
+        raise TornStateError("shared write state checksum mismatch")
+    other = _WRITE_OFFS[selected ^ 1] - _SELECTOR_OFF
+    *_, other_gen, other_stored = _WRITE.unpack_from(region, other)
+    if _newer(other_gen, gen) and crc(region[other : other + _WRITE_BODY.size]) == other_stored:
+        raise TornStateError("shared write state selector names the older copy")
+    return WriteState(*fields)
 
 
 def _slot_off(slot: int) -> int:
@@ -213,17 +239,13 @@ class SharedState:
     # -- write region --
     def write_state(self) -> WriteState:
         """The current write region; raises TornStateError if it is being rewritten
-        (only possible without the write lock)."""
-        off = _WRITE_OFFS[self._mm[_SELECTOR_OFF] & 1]
-        raw = self._mm[off : off + _WRITE.size]
+        (only possible without the write lock), or damaged."""
+        region = self._mm[_SELECTOR_OFF:_REGION_END]
         known = self._known
-        if raw == known[0]:
+        if region == known[0]:  # the same bytes: the same answer
             return known[1]
-        *fields, stored = _WRITE.unpack(raw)
-        if crc(raw[: _WRITE_BODY.size]) != stored:
-            raise TornStateError("shared write state checksum mismatch")
-        state = WriteState(*fields)
-        self._known = (raw, state)
+        state = _decode_region(region)
+        self._known = (region, state)
         return state
 
     def write_state_snapshot(self, tries: int = 200) -> WriteState:
@@ -244,11 +266,15 @@ class SharedState:
         mm = self._mm
         spare = (mm[_SELECTOR_OFF] & 1) ^ 1
         off = _WRITE_OFFS[spare]
-        body = _WRITE_BODY.pack(*state)
+        gen = _GEN.unpack_from(mm, _WRITE_OFFS[spare ^ 1] + _GEN_OFF)[0]
+        older = _GEN.unpack_from(mm, off + _GEN_OFF)[0]
+        if _newer(older, gen):  # the selected copy was damaged: stay ahead of both
+            gen = older
+        body = _WRITE_BODY.pack(*state, (gen + 1) & 0xFFFFFFFF)
         raw = body + _U32.pack(crc(body))
         mm[off : off + _WRITE.size] = raw
         mm[_SELECTOR_OFF] = spare  # one byte: the switch is atomic
-        self._known = (raw, state)
+        self._known = (mm[_SELECTOR_OFF:_REGION_END], state)  # nobody else writes it now
 
     def take_batch_id(self) -> int:
         """A batch id never used before in this state (write lock held)."""

@@ -4,6 +4,7 @@ damage at once (walstore.shm.SharedState.write_state)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -38,14 +39,14 @@ def test_a_mapping_sees_what_another_wrote_after_it_read(tmp_path: Path) -> None
         two.close()
 
 
-@pytest.mark.parametrize("where", [0, 20, 55, 56, 59], ids=lambda w: f"byte{w}")
+@pytest.mark.parametrize("where", [0, 20, 55, 56, 59, 60, 63], ids=lambda w: f"byte{w}")
 def test_damage_after_a_read_is_seen_by_the_next_read(tmp_path: Path, where: int) -> None:
     one, two = SharedState(str(tmp_path / "shm")), SharedState(str(tmp_path / "shm"))
     try:
         state = WriteState(0, 7, 0, 64, 10, 0, 0, 0)
         one.set_write(state)
         assert one.write_state() == two.write_state() == state
-        off = _selected(one) + where  # 56-59: the stored checksum itself
+        off = _selected(one) + where  # 56-59: the generation, 60-63: the checksum
         one._mm[off] ^= 0x5A
         for shm in (one, two):
             with pytest.raises(TornStateError):
@@ -57,33 +58,34 @@ def test_damage_after_a_read_is_seen_by_the_next_read(tmp_path: Path, where: int
         two.close()
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["write1", "write2", "read", "damage"]), STATES,
-                          st.integers(0, 59)), max_size=40))  # fmt: skip
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["write1", "write2", "read", "damage", "selector"]),
+                          STATES, st.integers(0, 63)), max_size=40))  # fmt: skip
 def test_every_read_is_the_last_write_or_torn(
     tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, WriteState, int]]
 ) -> None:
-    """Model: the region is the last state written, unless damaged since; two mappings
-    write and read in any order."""
+    """Model: the region is the last state written, unless damaged since (a byte of the
+    copy written last, or a selector that names the other copy); two mappings write and
+    read in any order."""
     path = str(tmp_path_factory.mktemp("shm") / "shm")
     one, two = SharedState(path), SharedState(path)
     try:
-        initial = WriteState(0, 1, 0, 64, 1, 0, 0, 0)
-        one.set_write(initial)
-        last, flipped = (
-            initial,
-            set[int](),
-        )  # bytes of the selected copy flipped an odd number of times
+        one.set_write(WriteState(0, 1, 0, 64, 1, 0, 0, 0))
+        last, current = one.write_state(), _selected(one)  # current: the copy written last
+        flipped = {72: set[int](), 136: set[int]()}  # bytes flipped an odd number of times
         for op, state, where in ops:
             if op in ("write1", "write2"):
                 (one if op == "write1" else two).set_write(state)
-                last, flipped = state, set()
-            elif op == "damage":
+                last, current = state, _selected(one)
+                flipped[current] = set()
+            elif op == "damage":  # a byte of whichever copy is selected now
+                flipped[_selected(one)] ^= {where}
                 one._mm[_selected(one) + where] ^= 0xFF
-                flipped ^= {where}
+            elif op == "selector":
+                one._mm[_SELECTOR_OFF] ^= 1
             else:
                 for shm in (one, two):
-                    if flipped:
+                    if _selected(one) != current or flipped[current]:
                         with pytest.raises(TornStateError):
                             shm.write_state()
                     else:
@@ -145,3 +147,31 @@ def _attempt(wal: object, payload: bytes) -> object:
         return wal.append(payload)  # type: ignore[attr-defined]
     except Exception as exc:
         return exc
+
+
+@pytest.mark.parametrize("bit", [0, 1, 7])
+def test_a_flipped_selector_never_brings_back_an_older_write_state(
+    tmp_path: Path, bit: int
+) -> None:
+    """The selector picks which copy of the write region is current; the other is the
+    one before it (often the intent of the last append), checksummed too. A flip that
+    selects it made the next append zero an acknowledged record and reuse its LSN."""
+    from walstore import Options, Wal
+
+    directory = tmp_path / "wal"
+    acked: dict[int, bytes] = {}
+    with Wal.open(directory, Options(min_free_bytes=0)) as wal:
+        for i in range(5):
+            acked[wal.append(b"before-%d" % i)] = b"before-%d" % i
+        fd = os.open(directory / "shm", os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes([os.pread(fd, 1, _SELECTOR_OFF)[0] ^ (1 << bit)]), _SELECTOR_OFF)
+        finally:
+            os.close(fd)
+        for i in range(5):
+            lsn = wal.append(b"after-%d" % i)
+            assert lsn not in acked, f"LSN {lsn} handed out twice"
+            acked[lsn] = b"after-%d" % i
+    with Wal.open(directory) as wal:
+        found = dict(wal.iter_from(wal.first_lsn()))
+    assert {lsn: found.get(lsn) for lsn in acked} == acked

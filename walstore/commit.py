@@ -158,6 +158,10 @@ class Writer(SegmentWriter):
                     return range(first, first + count)
                 if state == SLOT_FAILED:
                     raise self._slot_error(err)
+                if state != SLOT_READY and state != SLOT_WRITTEN:
+                    # Overwritten under us (nobody else frees a slot in use): nothing will
+                    # ever write it or fail it, and whether it was written is not known.
+                    raise self._slot_error(ERR_UNKNOWN)
                 if shm.poisoned():
                     raise self.poisoned_error()
                 if (quiet or not shm.leading()) and self._wlock.acquire(blocking=False):

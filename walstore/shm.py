@@ -99,6 +99,15 @@ class TornStateError(Exception):
     """The write region failed its checksum: read while a writer was updating it."""
 
 
+class _OlderSelected(TornStateError):
+    """The selector names the older of two sound copies: damage, or a writer that died
+    (or is) between writing the other copy and selecting it."""
+
+    def __init__(self, selected: WriteState) -> None:
+        super().__init__("shared write state selector names the older copy")
+        self.selected = selected
+
+
 def file_identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
@@ -144,7 +153,7 @@ def _decode_region(region: bytes) -> WriteState:
     other = _WRITE_OFFS[selected ^ 1] - _SELECTOR_OFF
     *_, other_gen, other_stored = _WRITE.unpack_from(region, other)
     if _newer(other_gen, gen) and crc(region[other : other + _WRITE_BODY.size]) == other_stored:
-        raise TornStateError("shared write state selector names the older copy")
+        raise _OlderSelected(WriteState(*fields))
     return WriteState(*fields)
 
 
@@ -237,14 +246,25 @@ class SharedState:
         ]
 
     # -- write region --
-    def write_state(self) -> WriteState:
+    def write_state(self, dead_writer: bool = False) -> WriteState:
         """The current write region; raises TornStateError if it is being rewritten
-        (only possible without the write lock), or damaged."""
+        (only possible without the write lock), or damaged.
+
+        ``dead_writer`` (write lock held, and its last holder died holding it): a
+        selector that names the older of two sound copies is that writer's death
+        between writing the other copy and selecting it, not damage: the selected copy
+        stands (written again, so that the next holder finds it sound)."""
         region = self._mm[_SELECTOR_OFF:_REGION_END]
         known = self._known
         if region == known[0]:  # the same bytes: the same answer
             return known[1]
-        state = _decode_region(region)
+        try:
+            state = _decode_region(region)
+        except _OlderSelected as exc:
+            if not dead_writer:
+                raise
+            self.set_write(exc.selected)
+            return exc.selected
         self._known = (region, state)
         return state
 
@@ -431,10 +451,13 @@ class WriteLock(FileLock):
     def __init__(self, path: str, state: SharedState) -> None:
         super().__init__(path)
         self._state = state
+        self.inherited = False  # from a holder that died holding it (see acquire)
 
     def acquire(self, blocking: bool = True) -> bool:
         if not super().acquire(blocking):
             return False
+        # Still set: the last holder died holding the lock (a release clears it first).
+        self.inherited = self._state.leading()
         self._state.set_leading(True)
         return True
 

@@ -60,7 +60,7 @@ class SegmentWriter:
         if self._shm.poisoned():
             raise self.poisoned_error()
         try:
-            st = self._shm.write_state()
+            st = self._shm.write_state(dead_writer=self._wlock.inherited)
         except TornStateError:
             st = self._rebuild_state()
         if st.intent == INTENT_APPEND:
@@ -86,7 +86,7 @@ class SegmentWriter:
         except TornStateError:
             with self._wlock:  # a writer was preempted between two updates: wait for it
                 try:
-                    return self._shm.write_state()
+                    return self._shm.write_state(dead_writer=self._wlock.inherited)
                 except TornStateError:
                     return self._rebuild_state()
 

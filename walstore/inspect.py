@@ -154,10 +154,29 @@ class VerifyReport:
         return not any(p.fatal for p in self.problems)
 
 
+# A log that other processes append to and prune may change between two of verify's
+# reads (a roll-over after the listing, a segment pruned before it is read): with them
+# attached, what looks like damage is looked at again from the start, this often.
+LIVE_ATTEMPTS = 3
+
+
 def verify(directory: str, fs: OsFs | None = None) -> VerifyReport:
     """Check everything open checks, then every record of every sealed segment."""
     fs = fs or OsFs()
     _require_log(directory)
+    for attempt in range(1, LIVE_ATTEMPTS + 1):
+        try:
+            report = _verify_once(fs, directory)
+        except FileNotFoundError:
+            if attempt < LIVE_ATTEMPTS and others_attached(directory):
+                continue
+            raise
+        if report.ok or attempt == LIVE_ATTEMPTS or not others_attached(directory):
+            break
+    return report
+
+
+def _verify_once(fs: OsFs, directory: str) -> VerifyReport:
     report = VerifyReport()
     try:
         found = survey(fs, directory)

@@ -1,0 +1,70 @@
+"""`walstore verify` on a healthy log that processes append to and prune while it reads:
+a roll-over or a prune between two of its reads is not damage (it said CORRUPT "missing:
+the log's newest segment started at LSN n (HEAD)", or failed on a bare ENOENT)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import walstore.inspect
+import walstore.recovery
+from walstore import Options, Wal
+from walstore.inspect import verify
+from walstore.segments import list_segments
+
+
+def _stale_once(monkeypatch: pytest.MonkeyPatch, module: object, stale: list[int]) -> None:
+    real: Callable[..., list[int]] = list_segments
+    calls = []
+
+    def listed_before(*args: object) -> list[int]:
+        calls.append(args)
+        return list(stale) if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(module, "list_segments", listed_before)
+
+
+def _log(tmp_path: Path) -> Wal:
+    wal = Wal.open(tmp_path / "wal", Options(segment_bytes=8192, min_free_bytes=0))
+    for i in range(40):
+        wal.append(f"record {i}".encode().ljust(500, b"."))
+    return wal
+
+
+def test_a_roll_over_between_listing_and_head_is_not_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _log(tmp_path) as wal:  # open: another process's view
+        stale = list_segments(wal._fs, wal.directory)
+        for i in range(20):  # rolls over to a new segment
+            wal.append(f"more {i}".encode().ljust(500, b"."))
+        assert list_segments(wal._fs, wal.directory) != stale
+        _stale_once(monkeypatch, walstore.recovery, stale)
+        report = verify(str(tmp_path / "wal"))
+        assert report.ok, report.problems
+
+
+def test_a_prune_between_listing_and_reading_is_not_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _log(tmp_path) as wal:
+        stale = list_segments(wal._fs, wal.directory)
+        assert wal.set_low_water_mark(stale[2] + 1) == 2
+        _stale_once(monkeypatch, walstore.recovery, stale)
+        report = verify(str(tmp_path / "wal"))
+        assert report.ok, report.problems
+
+
+def test_damage_is_still_reported_while_the_log_is_open(tmp_path: Path) -> None:
+    with _log(tmp_path) as wal:
+        first = list_segments(wal._fs, wal.directory)[0]
+        path = tmp_path / "wal" / f"{first:020d}.seg"
+        data = bytearray(path.read_bytes())
+        data[200] ^= 0xFF
+        path.write_bytes(bytes(data))
+        report = verify(str(tmp_path / "wal"))
+        assert not report.ok
+        assert report.problems[0].segment == path.name

@@ -16,7 +16,7 @@ import time
 from walstore import Wal
 from walstore import shm as shared
 
-_SELECTOR = 64
+_SELECTOR = shared._SELECTOR_OFF
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from walstore.shm import _SELECTOR_OFF, _WRITE_OFFS, SharedState, TornStateError, WriteState
+from walstore import Options, Wal, WalError
+from walstore.shm import (
+    _SELECTOR_OFF,
+    _SLOT_DATA,
+    _WRITE_OFFS,
+    SLOT_COUNT,
+    SLOT_READY,
+    SLOT_WRITTEN,
+    SharedState,
+    TornStateError,
+    WriteState,
+    _slot_off,
+)
 
 U32 = st.integers(0, 2**32 - 1)
 U63 = st.integers(0, 2**63 - 1)
@@ -111,11 +124,6 @@ def test_a_slot_zeroed_while_its_producer_waits_is_an_unknown_outcome(
     leader then marks the slot written, the slot no longer says which LSNs: the producer
     was told LSN 0, a record it never appended. If nobody does (a free slot is neither
     written nor failed), the producer waited for ever. Now the outcome is unknown."""
-    import threading
-
-    from walstore import Wal, WalError
-    from walstore.shm import SLOT_COUNT, SLOT_READY, SLOT_WRITTEN
-
     holder, waiter = Wal.open(tmp_path / "wal"), Wal.open(tmp_path / "wal")
     try:
         holder.append(b"first")
@@ -133,11 +141,11 @@ def test_a_slot_zeroed_while_its_producer_waits_is_an_unknown_outcome(
         deadline = time.monotonic() + 10
         ready: list[int] = []
         while not ready and time.monotonic() < deadline:
-            ready = [s for s in range(SLOT_COUNT) if shm._mm[shm_slot(s)] == SLOT_READY]
+            ready = [s for s in range(SLOT_COUNT) if shm._mm[_slot_off(s)] == SLOT_READY]
             time.sleep(0.001)
         assert ready, "the waiter never filled a slot"
         (slot,) = ready
-        shm._mm[shm_slot(slot) : shm_slot(slot) + 48] = bytes(48)  # zeroed
+        shm._mm[_slot_off(slot) : _slot_off(slot) + _SLOT_DATA] = bytes(_SLOT_DATA)  # zeroed
         if then == "marked written":
             shm.set_slot_state(slot, SLOT_WRITTEN)
         wlock.release()
@@ -151,15 +159,9 @@ def test_a_slot_zeroed_while_its_producer_waits_is_an_unknown_outcome(
         holder.close()
 
 
-def shm_slot(slot: int) -> int:
-    from walstore.shm import _slot_off
-
-    return _slot_off(slot)
-
-
-def _attempt(wal: object, payload: bytes) -> object:
+def _attempt(wal: Wal, payload: bytes) -> object:
     try:
-        return wal.append(payload)  # type: ignore[attr-defined]
+        return wal.append(payload)
     except Exception as exc:
         return exc
 
@@ -171,8 +173,6 @@ def test_a_flipped_selector_never_brings_back_an_older_write_state(
     """The selector picks which copy of the write region is current; the other is the
     one before it (often the intent of the last append), checksummed too. A flip that
     selects it made the next append zero an acknowledged record and reuse its LSN."""
-    from walstore import Options, Wal
-
     directory = tmp_path / "wal"
     acked: dict[int, bytes] = {}
     with Wal.open(directory, Options(min_free_bytes=0)) as wal:

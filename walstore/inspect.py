@@ -64,9 +64,18 @@ def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
     would raise it."""
     fs = fs or OsFs()
     _require_log(directory)
+    # Read before the shared state, for the figures to agree (see Wal.status); what is
+    # wrong with them is reported by the checks below when nobody has the log open.
+    try:
+        early: tuple[list[int], int] | None = (
+            list_segments(fs, directory),
+            read_checkpoint(fs, directory),
+        )
+    except (WalError, OSError):
+        early = None
     live = _live_state(directory)
     if live is not None:
-        firsts = list_segments(fs, directory)
+        firsts, lwm = early or (list_segments(fs, directory), read_checkpoint(fs, directory))
         next_lsn, hwm, total = live
         return Snapshot(
             wal_id=load_meta(fs, directory, create=False).hex(),
@@ -74,7 +83,7 @@ def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
             bytes=total,
             first_lsn=firsts[0] if firsts else next_lsn,
             next_lsn=next_lsn,
-            low_water_mark=read_checkpoint(fs, directory),
+            low_water_mark=lwm,
             high_water_mark=hwm,
             live=True,
         )
@@ -111,13 +120,14 @@ def _live_state(directory: str) -> tuple[int, int, int] | None:
                 f"{SHM} is not theirs: it was removed or replaced while they ran, so their "
                 "figures cannot be read; stop them all (or wait until they close it)"
             )
+        hwm = shm.synced_lsn()  # before the next LSN, which stays ahead of it
         for _ in range(100):
             try:
                 st = shm.write_state_snapshot()
             except TornStateError:  # a writer was preempted mid-update: ask again
                 time.sleep(0.001)
                 continue
-            return st.next_lsn, shm.synced_lsn(), st.sealed_bytes + st.offset
+            return st.next_lsn, hwm, st.sealed_bytes + st.offset
         return None  # a writer died mid-update: read the disk
     finally:
         shm.close()

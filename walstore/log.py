@@ -199,15 +199,19 @@ class Wal:
 
     def status(self) -> Status:
         self._check_open()
+        # Others move every figure meanwhile: read each before those that stay ahead of it
+        # (first segment <= low <= high water mark <= next LSN), so that they agree.
         firsts = list_segments(self._fs, self._dir)
+        lwm = read_checkpoint(self._fs, self._dir)
+        hwm = self._shm.synced_lsn()
         st = self._w.state_snapshot()
         return Status(
             segments=len(firsts),
             bytes=st.sealed_bytes + st.offset,
             first_lsn=firsts[0],
             next_lsn=st.next_lsn,
-            low_water_mark=read_checkpoint(self._fs, self._dir),
-            high_water_mark=self._shm.synced_lsn(),
+            low_water_mark=lwm,
+            high_water_mark=hwm,
         )
 
     @property

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .attach import SHM, others_attached
-from .errors import CorruptLogError, LogAttachError, WalError
+from .errors import CorruptLogError, LogAttachError, LsnOutOfRangeError, WalError
 from .format import segment_name
 from .fs import OsFs
 from .log import Status
@@ -142,15 +142,31 @@ def dump(
     """Records from ``from_lsn`` (default: the first on disk) to the high water mark.
 
     Raises CorruptLogError (after yielding every record before it) where the records
-    stop verifying, as the pump's reader does."""
+    stop verifying, as the pump's reader does. Records pruned while it runs (confirmed,
+    and deleted by another process) are skipped: it goes on from the first left. A
+    ``from_lsn`` no longer in the log when it starts raises LsnOutOfRangeError."""
     fs = fs or OsFs()
     snap = snap or snapshot(directory, fs)
     hwm = snap.high_water_mark
-    reader = Reader(fs, directory, snap.first_lsn if from_lsn is None else from_lsn, lambda: hwm)
-    try:
-        yield from reader
-    finally:
-        reader.close()
+    lsn = snap.first_lsn if from_lsn is None else from_lsn
+    while True:
+        reader = Reader(fs, directory, lsn, lambda: hwm)
+        try:
+            for record in reader:
+                lsn = record[0] + 1
+                yield record
+            return
+        except LsnOutOfRangeError:
+            if lsn == from_lsn:  # asked for, and gone before a record was read
+                raise
+            firsts = list_segments(fs, directory)
+            if not firsts or firsts[0] <= lsn:  # not a prune: something else is wrong
+                raise
+            lsn = firsts[0]  # every LSN below it was confirmed and deleted meanwhile
+            if lsn >= hwm:
+                return
+        finally:
+            reader.close()
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 
 import walstore.reader
 from walstore import LsnOutOfRangeError, Options, Wal
-from walstore.inspect import verify
+from walstore.inspect import dump, verify
 from walstore.segments import list_segments
 
 
@@ -64,3 +64,30 @@ def test_a_segment_pruned_between_listing_and_opening_is_out_of_range(
         with pytest.raises(LsnOutOfRangeError, match=f"LSN {firsts[1]} is no longer in the log"):
             fresh.read()  # _open_segment_for: listed, then pruned, then opened
         fresh.close()
+
+
+def test_dump_goes_on_from_the_new_first_segment_past_a_prune(tmp_path: Path) -> None:
+    """``walstore dump`` of a log the pump confirms and prunes meanwhile: the records it
+    had not reached were confirmed and deleted; it goes on from what is left, to the end,
+    instead of failing half-way ("no longer in the log", exit 2)."""
+    directory = tmp_path / "wal"
+    with Wal.open(directory, Options(segment_bytes=8192, min_free_bytes=0)) as wal:
+        for start in range(0, 6000, 50):
+            wal.append_batch([f"record {start + i}".encode().ljust(100) for i in range(50)])
+        records = dump(str(directory))
+        seen = [next(records)[0] for _ in range(3)]  # it has read ahead a few thousand
+        assert wal.set_low_water_mark(5000) > 40
+        first = list_segments(wal._fs, str(directory))[0]
+        seen += [lsn for lsn, _payload in records]
+    ahead = seen.index(first) if first in seen else len(seen)
+    assert seen[:ahead] == list(range(ahead)), "the records read ahead, in order"
+    assert 3 <= ahead < first, "then the prune"
+    assert seen[ahead:] == list(range(first, 6000)), "then the rest of the log"
+
+
+def test_dump_from_a_pruned_lsn_is_still_refused(tmp_path: Path) -> None:
+    wal, firsts = _log(tmp_path)
+    with wal:
+        wal.set_low_water_mark(firsts[2])
+        with pytest.raises(LsnOutOfRangeError, match="no longer in the log"):
+            list(dump(str(tmp_path / "wal"), from_lsn=1))

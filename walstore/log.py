@@ -10,8 +10,10 @@ import dataclasses
 import itertools
 import os
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from .attach import Attachment
 from .commit import Writer
@@ -29,6 +31,34 @@ from .recovery import load_meta, lost_tails, read_checkpoint, recover, write_che
 from .scan import Record
 from .segments import list_segments, read_header
 from .shm import WriteState
+
+# close() waits this long for the calls under way (an append waits for a slow disk);
+# a call still running then is told the log was closed under it.
+CLOSE_WAIT = 10.0
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _open_call(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """A call on an open handle, which close() waits for (see Wal._enter)."""
+
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        wal = args[0]
+        assert isinstance(wal, Wal)
+        wal._enter()
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            wal._closed_under(exc)
+            raise
+        finally:
+            wal._leave()
+
+    call.__name__, call.__qualname__, call.__doc__ = (
+        method.__name__, method.__qualname__, method.__doc__,
+    )  # fmt: skip
+    return call
 
 
 @dataclass(frozen=True)
@@ -58,6 +88,11 @@ class Wal:
         self._opts = options
         self._fs: OsFs = options.fs if isinstance(options.fs, OsFs) else OsFs()
         self._closed = False
+        # Calls under way: close() lets go of the descriptors and the mapping they use only
+        # once none is left (a descriptor closed under a leader could be reused by an
+        # unrelated file before its pwrite).
+        self._calls = 0
+        self._calls_lock = threading.Lock()
         self._lwm_lock = threading.Lock()
         prepare_log_dir(self._dir)
         self._att = Attachment(self._dir)
@@ -113,14 +148,23 @@ class Wal:
         """Append one record; returns its LSN once durable (per the sync policy)."""
         if type(payload) is not bytes or len(payload) > self._opts.max_record_bytes:
             return self.append_batch([payload])[0]  # converts, or raises what is wrong
-        if self._closed or self._writer is None:
-            self._check_open()
-            raise LogClosedError(f"the log in {self._dir} is not open")
-        return self._writer.append([payload]).start
+        with self._calls_lock:  # _enter, inlined: the hot path
+            if self._closed or self._writer is None:
+                self._check_open()
+                raise LogClosedError(f"the log in {self._dir} is not open")
+            self._calls += 1
+        try:
+            return self._writer.append([payload]).start
+        except Exception as exc:
+            self._closed_under(exc)
+            raise
+        finally:
+            with self._calls_lock:
+                self._calls -= 1
 
+    @_open_call
     def append_batch(self, payloads: Sequence[bytes]) -> range:
         """Append records atomically in order; returns their LSNs once durable."""
-        self._check_open()
         if not payloads:
             return range(0)
         batch = []
@@ -135,14 +179,14 @@ class Wal:
             batch.append(p if type(p) is bytes else bytes(p))
         return self._w.append(batch)
 
+    @_open_call
     def sync(self) -> int:
         """fdatasync everything written so far, whatever the policy; returns the HWM."""
-        self._check_open()
         return self._w.flush(self._w.state_snapshot().next_lsn, force=True)
 
+    @_open_call
     def reader(self, from_lsn: int | None = None) -> Reader:
         """A reader positioned at ``from_lsn`` (default: the low water mark)."""
-        self._check_open()
         start = self.low_water_mark() if from_lsn is None else from_lsn
         if start > self.high_water_mark():
             raise LsnOutOfRangeError(f"LSN {start} is past the high water mark")
@@ -161,44 +205,44 @@ class Wal:
         finally:
             reader.close()
 
+    @_open_call
     def lost_tails(self) -> list[int]:
         """Where ``walstore repair`` accepted a lost end of the log (its newest segments
         were missing), oldest first: the records from each LSN on were gone, and those
         LSNs may have been handed out again since, so whatever named a record by such an
         LSN before the repair is stale."""
-        self._check_open()
         return lost_tails(self._fs, self._dir)
 
+    @_open_call
     def first_lsn(self) -> int:
         """The first LSN still on disk (the first segment's)."""
-        self._check_open()
         return list_segments(self._fs, self._dir)[0]
 
+    @_open_call
     def next_lsn(self) -> int:
         """The LSN the next append gets (records below may not be durable yet)."""
-        self._check_open()
         return self._w.state_snapshot().next_lsn
 
+    @_open_call
     def high_water_mark(self) -> int:
         """Every LSN below this is durable; readers never go past it."""
-        self._check_open()
         return self._shm.synced_lsn()
 
+    @_open_call
     def low_water_mark(self) -> int:
         """The persisted checkpoint: every LSN below it is confirmed and may be pruned."""
-        self._check_open()
         return read_checkpoint(self._fs, self._dir)
 
+    @_open_call
     def set_low_water_mark(self, lsn: int) -> int:
         """Persist the low water mark and delete sealed segments wholly below it.
 
         Returns how many segments were deleted. Never moves the mark backwards and
         never past the high water mark."""
-        self._check_open()
         return self._set_low_water_mark(lsn)
 
+    @_open_call
     def status(self) -> Status:
-        self._check_open()
         # Others move every figure meanwhile: read each before those that stay ahead of it
         # (first segment <= low <= high water mark <= next LSN), so that they agree.
         firsts = list_segments(self._fs, self._dir)
@@ -216,6 +260,10 @@ class Wal:
 
     @property
     def poisoned(self) -> bool:
+        return self._poisoned()
+
+    @_open_call
+    def _poisoned(self) -> bool:
         return self._shm.poisoned()
 
     @property
@@ -230,7 +278,11 @@ class Wal:
             if not self._shm.poisoned():
                 self._w.flush(self._w.state_snapshot().next_lsn, force=True)
         finally:
-            self._closed = True
+            with self._calls_lock:
+                self._closed = True  # no call starts from now on
+            deadline = time.monotonic() + CLOSE_WAIT
+            while self._calls and time.monotonic() < deadline:
+                time.sleep(0.001)
             self._release_handles()
 
     def __enter__(self) -> Wal:
@@ -242,6 +294,25 @@ class Wal:
     def _check_open(self) -> None:
         if self._closed:
             raise LogClosedError(f"the log in {self._dir} is closed; open it again")
+
+    def _enter(self) -> None:
+        with self._calls_lock:
+            self._check_open()
+            self._calls += 1
+
+    def _leave(self) -> None:
+        with self._calls_lock:
+            self._calls -= 1
+
+    def _closed_under(self, exc: Exception) -> None:
+        """A call failed with ``exc``: if the handle was closed under it (close gave up
+        waiting for it), that is what broke it, and what it says."""
+        if not self._closed or isinstance(exc, WalError):
+            return
+        raise LogClosedError(
+            f"the log in {self._dir} was closed while a call on it was under way (close "
+            f"waited {CLOSE_WAIT:g} s for it); an append's records may or may not be in it"
+        ) from exc
 
     # ----------------------------------------------------------------- watermark
     def _set_low_water_mark(self, lsn: int) -> int:

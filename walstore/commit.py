@@ -27,7 +27,7 @@ import threading
 import time
 
 from .errors import LogFullError, WalError
-from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, TYPE_DATA, pack_record
+from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, pack_batch, pack_record
 from .fs import OsFs
 from .options import Options, SyncPolicy
 from .shm import (
@@ -240,7 +240,7 @@ class Writer(SegmentWriter):
                 if n == 1:
                     buf = pack_record(salt, first, own[0])
                 else:
-                    buf = b"".join([pack_record(salt, first + i, p) for i, p in enumerate(own)])
+                    buf = b"".join(pack_batch(salt, first, own))
                 active, offset, sealed, batch = st.active, st.offset, st.sealed_bytes, st.last_batch
                 shm.set_write(WriteState(active, salt, INTENT_APPEND, offset, first, sealed,
                                          end, batch))  # fmt: skip
@@ -301,7 +301,7 @@ class Writer(SegmentWriter):
                 cap is None or st.sealed_bytes + st.offset + need <= cap
             ):
                 first, salt = st.next_lsn, st.salt
-                records = [pack_record(salt, first + i, p) for i, p in enumerate(own)]
+                records = pack_batch(salt, first, own)
                 return self._write_chunk(st, records, []), range(first, first + len(own))
         mine = range(0)
         chunk: list[bytes] = []  # packed records for the active segment
@@ -323,8 +323,7 @@ class Writer(SegmentWriter):
                 self._shm.set_slot_state(slot, SLOT_FAILED, ERR_FULL)
                 continue
             first = st.next_lsn + len(chunk)
-            chunk += [pack_record(st.salt, first + i, bytes(p), TYPE_DATA)
-                      for i, p in enumerate(payloads)]  # fmt: skip
+            chunk += pack_batch(st.salt, first, payloads)
             size += need
             if slot < 0:
                 mine = range(first, first + len(payloads))

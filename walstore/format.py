@@ -37,7 +37,9 @@ Record (20-byte header, then the payload; records are packed back to back)::
     4   4  payload length; at most ``MAX_RECORD_BYTES`` and never past the end of the file
     8   8  LSN: exactly one more than the previous record's (the first: the segment's first LSN)
     16  1  type: 1 = data, 2 = lost (a placeholder written by ``walstore repair``)
-    17  3  reserved, zero
+    17  1  flags: bit 0 (MORE) = the next record belongs to the same append (a batch);
+           zero on a batch's last record, and in every log of an older release
+    18  2  reserved, zero
 
 The salt is what keeps stale bytes from validating: a record copied from another segment,
 or left over from an older file, has the wrong salt and so the wrong CRC, and its LSN would
@@ -50,7 +52,10 @@ records are followed by zeros.
 
 Torn tail: after a crash, the active segment may end in an incomplete or corrupt record
 (a write that never became durable). On open, the log is cut back to the last whole
-record, provided nothing valid follows; the cut bytes are copied to ``torn/`` first. A bad
+record, provided nothing valid follows; the cut bytes are copied to ``torn/`` first. The
+cut goes back to the end of the last whole batch: records with MORE set that are not
+followed by the rest of their batch are part of the torn tail (an append is all or none).
+A batch never spans two segments, so a sealed segment never ends in MORE. A bad
 record anywhere else (a sealed segment, or followed by a valid record) is corruption: open
 refuses with the segment, offset and reason, and ``walstore repair`` is the way past it.
 
@@ -88,6 +93,8 @@ assert RECORD_HEADER_SIZE == 20
 TYPE_DATA: Final = 1
 TYPE_LOST: Final = 2
 VALID_TYPES: Final = frozenset({TYPE_DATA, TYPE_LOST})
+FLAGS_OFFSET: Final = 17  # within the record header
+FLAG_MORE: Final = 1  # the next record belongs to the same append
 
 # A hard ceiling independent of options: a corrupt length can never make us allocate more.
 MAX_RECORD_BYTES: Final = 64 * 1024 * 1024
@@ -143,13 +150,22 @@ def unpack_segment_header(data: bytes) -> SegmentHeader:
     return SegmentHeader(salt, first_lsn, prev, wal_id)
 
 
-_RECORD_TAIL = struct.Struct("<IQB3x")  # RECORD_HEADER without its checksum
+_RECORD_TAIL = struct.Struct("<IQBB2x")  # RECORD_HEADER without its checksum, with flags
 _CHECKSUM = struct.Struct("<I")
 
 
-def pack_record(salt: int, lsn: int, payload: bytes, rtype: int = TYPE_DATA) -> bytes:
-    tail = _RECORD_TAIL.pack(len(payload), lsn, rtype)
+def pack_record(
+    salt: int, lsn: int, payload: bytes, rtype: int = TYPE_DATA, flags: int = 0
+) -> bytes:
+    tail = _RECORD_TAIL.pack(len(payload), lsn, rtype, flags)
     return _CHECKSUM.pack(crc(payload, crc(tail, salt))) + tail + payload
+
+
+def pack_batch(salt: int, first: int, payloads: list[bytes]) -> list[bytes]:
+    """The records of one append: MORE set on every one but the last."""
+    last = len(payloads) - 1
+    return [pack_record(salt, first + i, bytes(p), TYPE_DATA, FLAG_MORE if i < last else 0)
+            for i, p in enumerate(payloads)]  # fmt: skip
 
 
 def pack_checkpoint(lsn: int) -> bytes:

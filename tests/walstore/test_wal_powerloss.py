@@ -3,8 +3,9 @@ the low water mark, kills the process (at any mutating call), cuts the power (dr
 every unsynced byte, or keeping an ordered prefix of the unsynced writes, the last one
 torn) and reopens, against a model of the log. After every recovery: every acknowledged
 record at or above the low water mark is there with its payload, the log is a prefix of
-what was written (contiguous LSNs, nothing else, no duplicates), and the low water mark
-never went back. Also the fault layer's own tests (``faultfs.FaultFs``)."""
+what was written (contiguous LSNs, nothing else, no duplicates) that ends between two
+appends (a batch is there whole or not at all), and the low water mark never went back.
+Also the fault layer's own tests (``faultfs.FaultFs``)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class PowerLoss(RuleBasedStateMachine):
         self.wal: Wal | None = None
         self.written: list[bytes] = []
         self.acked = 0
+        self.bounds = {0}  # where one append ends: the log may end only there
         self.lwm = self.lwm_max = 0
         self.generation = 0  # payloads differ when a lost LSN is written again
 
@@ -85,6 +87,7 @@ class PowerLoss(RuleBasedStateMachine):
     def _append(self, batch: list[bytes], single: bool) -> None:
         start = len(self.written)
         self.written.extend(batch)  # from here on they may be in the log
+        self.bounds.add(len(self.written))
         if single:
             assert self.log.append(batch[0]) == start
         else:
@@ -189,9 +192,11 @@ class PowerLoss(RuleBasedStateMachine):
         assert [lsn for lsn, _ in records] == list(range(first, end))
         assert self.acked <= end <= len(self.written), (self.acked, end, len(self.written))
         assert [data for _, data in records] == self.written[first:end]
+        assert end in self.bounds, f"the log ends at LSN {end}, inside a batch"
         assert self.log.next_lsn() == self.log.high_water_mark() == end
         # What recovery found is durable now: it is the new truth.
         del self.written[end:]
+        self.bounds = {b for b in self.bounds if b <= end}
         self.acked = end
         self.lwm = self.lwm_max = lwm
 

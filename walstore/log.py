@@ -316,25 +316,35 @@ class Wal:
 
     # ----------------------------------------------------------------- watermark
     def _set_low_water_mark(self, lsn: int) -> int:
+        # One thread of one process at a time, from reading the mark to pruning: two
+        # processes each comparing with the mark they read could write it backwards
+        # after the other had pruned up to its own.
         with self._lwm_lock:
-            current = read_checkpoint(self._fs, self._dir)
-            if lsn <= current:
-                return 0
-            hwm = self._shm.synced_lsn()
-            if lsn > hwm:
-                raise LsnOutOfRangeError(f"low water mark {lsn} past the high water mark {hwm}")
-            if self._opts.sync is SyncPolicy.NONE:
-                # Without per-append fsyncs the HWM may be ahead of the disk; a checkpoint
-                # past what is durable would make the log refuse to open after a power cut.
-                self._w.flush(lsn, force=True)
+            self._shm.lock_low_water_mark()
             try:
-                write_checkpoint(self._fs, self._dir, lsn)
-            except OSError as exc:
-                raise WalError(
-                    f"could not persist the low water mark {lsn} in {self._dir}: {exc}; "
-                    f"it stays at {current} (nothing is lost: retry later)"
-                ) from exc
-            return self._w.prune(lsn)
+                return self._move_low_water_mark(lsn)
+            finally:
+                self._shm.unlock_low_water_mark()
+
+    def _move_low_water_mark(self, lsn: int) -> int:
+        current = read_checkpoint(self._fs, self._dir)
+        if lsn <= current:
+            return 0
+        hwm = self._shm.synced_lsn()
+        if lsn > hwm:
+            raise LsnOutOfRangeError(f"low water mark {lsn} past the high water mark {hwm}")
+        if self._opts.sync is SyncPolicy.NONE:
+            # Without per-append fsyncs the HWM may be ahead of the disk; a checkpoint
+            # past what is durable would make the log refuse to open after a power cut.
+            self._w.flush(lsn, force=True)
+        try:
+            write_checkpoint(self._fs, self._dir, lsn)
+        except OSError as exc:
+            raise WalError(
+                f"could not persist the low water mark {lsn} in {self._dir}: {exc}; "
+                f"it stays at {current} (nothing is lost: retry later)"
+            ) from exc
+        return self._w.prune(lsn)
 
     # ----------------------------------------------------------------- teardown
     def _release_handles(self) -> None:

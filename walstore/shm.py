@@ -73,6 +73,7 @@ _SLOT_DATA = 48
 SLOT_CAPACITY = SLOT_SIZE - _SLOT_DATA  # payload bytes + 4 per payload
 _LEN = struct.Struct("<I")
 _SLOT_LOCK_BASE = 1 << 32  # OFD lock byte of slot i: _SLOT_LOCK_BASE + i (past the data)
+_LWM_LOCK_BYTE = _SLOT_LOCK_BASE - 1  # OFD lock byte: moving the low water mark
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock (Linux, 64-bit off_t)
 
 SHM_SIZE = _SLOTS_OFF + SLOT_COUNT * SLOT_SIZE
@@ -348,6 +349,16 @@ class SharedState:
         except (BlockingIOError, PermissionError):
             return False
         return True
+
+    def lock_low_water_mark(self) -> None:
+        """Wait for, then take, the right to move the low water mark (one process at a
+        time; released by ``unlock_low_water_mark`` or the process's death)."""
+        lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _LWM_LOCK_BYTE, 1, 0)
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, lock)
+
+    def unlock_low_water_mark(self) -> None:
+        lock = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, _LWM_LOCK_BYTE, 1, 0)
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, lock)
 
     def reset_slot(self, slot: int) -> None:
         """Make a newly claimed slot free (write lock held: a leader may be reading a

@@ -51,6 +51,9 @@ from .writer import ERR_UNKNOWN, SegmentWriter
 # A follower re-checks at least this often, whatever it hears: covers a leader killed
 # before waking anyone, and the rare wake-up that lands between a check and the sleep.
 FOLLOWER_WAIT = 0.02
+# A flush that finds the write lock taken this long (others retaking it between its
+# looks) waits in the lock's queue instead.
+FLUSH_TURN_WAIT = 0.1
 # Before collecting, a leader waits up to this long for as many slots to be ready as the
 # last flush wrote: the producers it wrote for come back with their next records within
 # microseconds (on a busy machine, only once they get a CPU), and a flush without them
@@ -128,18 +131,33 @@ class Writer(SegmentWriter):
         return self._follow(slot, payloads)
 
     def flush(self, end: int, force: bool) -> int:
-        """Make every LSN below ``end`` durable (``force``: flush now, whatever the
-        policy and the high water mark); returns the high water mark."""
+        """Make every LSN below ``end`` durable (``force``: with SyncPolicy.NONE, by an
+        fdatasync of its own, whatever the high water mark); returns the high water
+        mark. With SyncPolicy.ALWAYS every flush is durable, so a high water mark at or
+        past ``end`` is enough (with another handle on the log appending under NONE,
+        that mark may be ahead of the disk: policies are not meant to be mixed)."""
         shm, word = self._shm, self._shm.flush_word
+        always = self._opts.sync is SyncPolicy.ALWAYS
+        missed = 0.0  # when the write lock was first found taken
         while True:
             seen = word.value
             synced = shm.synced_lsn()
-            if synced >= end and not force:
+            if synced >= end and (always or not force):
+                if force and shm.poisoned():
+                    raise self.poisoned_error()
                 return synced
             if shm.poisoned():
                 raise self.poisoned_error()
             if self._wlock.acquire(blocking=False):
-                self._lead(None, durable=force or self._opts.sync is SyncPolicy.ALWAYS)
+                self._lead(None, durable=force or always)
+                return shm.synced_lsn()
+            now = time.monotonic()
+            if not missed:
+                missed = now
+            elif now - missed > FLUSH_TURN_WAIT:
+                # Others keep retaking the lock between our looks: queue for it.
+                self._wlock.acquire()
+                self._lead(None, durable=force or always)
                 return shm.synced_lsn()
             word.wait(seen, FOLLOWER_WAIT)
 

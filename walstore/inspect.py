@@ -64,6 +64,18 @@ def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
     would raise it."""
     fs = fs or OsFs()
     _require_log(directory)
+    for attempt in range(1, LIVE_ATTEMPTS + 1):
+        try:
+            return _snapshot_once(fs, directory)
+        except (CorruptLogError, FileNotFoundError):
+            # Nobody had it open when it looked, but someone does now: a roll-over or a
+            # prune between two of its reads of the disk is not damage (see verify).
+            if attempt == LIVE_ATTEMPTS or not others_attached(directory):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _snapshot_once(fs: OsFs, directory: str) -> Snapshot:
     # Read before the shared state, for the figures to agree (see Wal.status); what is
     # wrong with them is reported by the checks below when nobody has the log open.
     try:
@@ -221,6 +233,9 @@ def _verify_once(fs: OsFs, directory: str) -> VerifyReport:
             report.problems.append(Problem(name, damage.offset, damage.reason, True))
         elif result.next_lsn != firsts[i + 1]:
             reason = f"ends at LSN {result.next_lsn}, next segment starts at {firsts[i + 1]}"
+            report.problems.append(Problem(name, result.end, reason, True))
+        elif result.batch_end != result.end:  # (a batch never spans two segments)
+            reason = f"ends inside a batch: LSN {result.next_lsn - 1} says more of it follows"
             report.problems.append(Problem(name, result.end, reason, True))
     report.records += found.tail.n_records
     if found.torn is not None:

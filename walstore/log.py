@@ -93,6 +93,7 @@ class Wal:
         # unrelated file before its pwrite).
         self._calls = 0
         self._calls_lock = threading.Lock()
+        self._close_lock = threading.Lock()  # a second close waits for the first
         self._lwm_lock = threading.Lock()
         prepare_log_dir(self._dir)
         self._att = Attachment(self._dir)
@@ -272,18 +273,19 @@ class Wal:
 
     def close(self) -> None:
         """Flush what was written (even with SyncPolicy.NONE) and release everything."""
-        if self._closed:
-            return
-        try:
-            if not self._shm.poisoned():
-                self._w.flush(self._w.state_snapshot().next_lsn, force=True)
-        finally:
-            with self._calls_lock:
-                self._closed = True  # no call starts from now on
-            deadline = time.monotonic() + CLOSE_WAIT
-            while self._calls and time.monotonic() < deadline:
-                time.sleep(0.001)
-            self._release_handles()
+        with self._close_lock:
+            if self._closed:
+                return
+            try:
+                if not self._shm.poisoned():
+                    self._w.flush(self._w.state_snapshot().next_lsn, force=True)
+            finally:
+                with self._calls_lock:
+                    self._closed = True  # no call starts from now on
+                deadline = time.monotonic() + CLOSE_WAIT
+                while self._calls and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                self._release_handles()
 
     def __enter__(self) -> Wal:
         return self

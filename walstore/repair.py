@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from .attach import SHARED_FILES, SHM, AttachLock
 from .errors import CorruptLogError, LogBusyError
 from .format import (
+    FLAG_MORE,
+    FLAGS_OFFSET,
     FORMAT_VERSION,
     NO_PREVIOUS,
     RECORD_HEADER,
@@ -364,11 +366,15 @@ def _salvage(
         return _Salvage(first, _lost(first, end), end, True)
     records: list[tuple[int, int, bytes]] = []
     pos, lsn, damaged = SEGMENT_HEADER_SIZE, first, False
+    whole = (pos, 0)  # just past the last record that ends its batch, and records to it
     while pos < len(buf):
         end, rtype, reason = check_record(buf, pos, header.salt, lsn)
         if reason is None:
             records.append((lsn, rtype, buf[pos + 20 : end]))
+            more = buf[pos + FLAGS_OFFSET] & FLAG_MORE
             pos, lsn = end, lsn + 1
+            if not more:
+                whole = (pos, len(records))
             continue
         found = find_valid_after(buf, pos, header.salt, lsn)
         if found is None:
@@ -381,6 +387,15 @@ def _salvage(
         report.lost.append((lsn, found[1]))
         records.extend(_lost(lsn, found[1]))
         pos, lsn = found
+        whole = (pos, len(records))
+    if nxt is None and whole[1] < len(records):
+        # The newest segment ends in an append cut short: its records go with the torn
+        # tail, as open cuts them (a batch is all or none; rewritten, they would pass
+        # for a whole one).
+        damaged = True
+        report.cut_bytes += pos - whole[0]
+        lsn = records[whole[1]][0]
+        del records[whole[1] :]
     if nxt is not None and lsn < nxt:  # the segment's end was lost
         damaged = True
         report.lost.append((lsn, nxt))

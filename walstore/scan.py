@@ -175,10 +175,11 @@ def examine(
     if whole and (stop is None or (newest and stop.zero)):
         return result, None
     if not newest:
-        if stop is not None:
-            return result, Damage(stop.offset, stop.reason, torn=False)
-        reason = f"ends inside a batch: LSN {result.next_lsn - 1} says more of it follows"
-        return result, Damage(result.end, reason, torn=False)
+        # (A sealed segment's end is judged by its caller, which knows the next one's
+        # first LSN: an early end, then the end of a batch.)
+        if stop is None:
+            return result, None
+        return result, Damage(stop.offset, stop.reason, torn=False)
     if stop is None or stop.zero:
         found = None
     else:

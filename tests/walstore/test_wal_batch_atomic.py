@@ -14,10 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.support.faultfs import FaultFs, SimulatedCrash
-from walstore import Options, SyncPolicy, Wal
-from walstore.format import FLAG_MORE, FLAGS_OFFSET, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
-from walstore.inspect import snapshot, verify
-from walstore.segments import segment_path
+from walstore import CorruptLogError, Options, SyncPolicy, Wal
+from walstore.format import (
+    FLAG_MORE,
+    FLAGS_OFFSET,
+    RECORD_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    TYPE_DATA,
+    pack_record,
+)
+from walstore.inspect import dump, snapshot, verify
+from walstore.repair import repair
+from walstore.segments import read_header, segment_path
 
 PAYLOADS = [f"record {i}".encode().ljust(300, b".") for i in range(5)]
 
@@ -103,23 +111,81 @@ def test_a_batch_killed_mid_write_is_gone_whole(tmp_path: Path) -> None:
     assert got in ([b"before"], [b"before", *PAYLOADS])
 
 
-def test_a_sealed_segment_that_ends_inside_a_batch_is_corrupt(tmp_path: Path) -> None:
-    """A batch never spans two segments: MORE on a sealed segment's last record means
-    its end was lost; verify reports it, with the segment and offset."""
-    directory = tmp_path / "wal"
-    opts = Options(segment_bytes=4160, min_free_bytes=0)
-    with Wal.open(directory, opts) as wal:
+def _sealed_log(directory: Path) -> list[tuple[int, int]]:
+    with Wal.open(directory, Options(segment_bytes=4160, min_free_bytes=0)) as wal:
         wal.append_batch(PAYLOADS)
         for _ in range(20):
             wal.append(b"x" * 300)
-        firsts = wal.status().segments
-    assert firsts >= 2
+        assert wal.status().segments >= 2
     records = _offsets(directory, 0)
     assert [f for _, f in records][:5] == [FLAG_MORE] * 4 + [0]
+    return records
+
+
+def test_a_sealed_segment_cut_inside_a_batch_is_named_alike_everywhere(tmp_path: Path) -> None:
+    """Its end lost after LSN 2, in the middle of a batch: verify, dump and the reader
+    give the same segment, offset and reason (an early end: the next segment's first
+    LSN says records are missing)."""
+    directory = tmp_path / "wal"
+    records = _sealed_log(directory)
     sealed = Path(segment_path(str(directory), 0))
-    sealed.write_bytes(sealed.read_bytes()[: records[3][0]])  # its end lost after LSN 2
+    sealed.write_bytes(sealed.read_bytes()[: records[3][0]])
     report = verify(str(directory))
-    assert not report.ok
+    fatal = [(p.segment, p.offset, p.reason) for p in report.problems if p.fatal]
+    assert len(fatal) == 1 and fatal[0][:2] == (sealed.name, records[3][0]), fatal
+    assert fatal[0][2].startswith("ends at LSN 3, next segment starts at ")
+    with pytest.raises(CorruptLogError) as err:
+        list(dump(str(directory)))
+    assert (err.value.segment, err.value.offset, err.value.reason) == fatal[0]
+
+
+def test_a_sealed_segment_whose_last_record_says_more_follows_is_corrupt(
+    tmp_path: Path,
+) -> None:
+    """LSNs contiguous, but the sealed segment's last record says more of its batch
+    follows: a batch never spans two segments, so its end was lost (the record was
+    rewritten with the flag, under a valid checksum, to make the case)."""
+    directory = tmp_path / "wal"
+    _sealed_log(directory)
+    with Wal.open(directory, Options(segment_bytes=4160, min_free_bytes=0)) as wal:
+        salt = read_header(wal._fs, str(directory), 0, bytes.fromhex(wal.wal_id)).salt
+    records = _offsets(directory, 0)
+    last_off = records[-1][0]
+    sealed = Path(segment_path(str(directory), 0))
+    raw = bytearray(sealed.read_bytes())
+    lsn = len(records) - 1
+    payload = bytes(raw[last_off + RECORD_HEADER_SIZE :])
+    raw[last_off:] = pack_record(salt, lsn, payload, TYPE_DATA, FLAG_MORE)
+    sealed.write_bytes(bytes(raw))
+    report = verify(str(directory))
     assert [(p.segment, p.offset, p.reason) for p in report.problems if p.fatal] == [
-        (sealed.name, records[3][0], "ends inside a batch: LSN 2 says more of it follows")
+        (sealed.name, len(raw), f"ends inside a batch: LSN {lsn} says more of it follows")
     ]
+
+
+@pytest.mark.parametrize("tail", ["zeros", "garbage", "cut mid-record"])
+def test_repair_cuts_an_incomplete_batch_as_open_does(tmp_path: Path, tail: str) -> None:
+    """The newest segment ends in the first records of a batch: repair cuts them with
+    the torn tail, as open would (it kept them, and rewrote them without the flag, so
+    the partial batch stayed for good; with zeros after them it did nothing)."""
+    directory = tmp_path / "wal"
+    with Wal.open(directory) as wal:
+        wal.append(b"before")
+        wal.append_batch(PAYLOADS)
+    records = _offsets(directory, 0)
+    path = Path(segment_path(str(directory), 0))
+    raw = bytearray(path.read_bytes())
+    last = records[-1][0]
+    if tail == "zeros":
+        raw[last : last + RECORD_HEADER_SIZE + 300] = bytes(RECORD_HEADER_SIZE + 300)
+    elif tail == "garbage":
+        raw[last : last + RECORD_HEADER_SIZE + 300] = b"\x5a" * (RECORD_HEADER_SIZE + 300)
+    else:
+        raw[last + 30 : last + RECORD_HEADER_SIZE + 300] = bytes(RECORD_HEADER_SIZE + 270)
+    path.write_bytes(bytes(raw))
+    report = repair(str(directory))
+    assert report.cut_bytes > 4 * 300, report
+    assert report.lost == []
+    with Wal.open(directory) as wal:
+        assert [p for _, p in wal.iter_from(0)] == [b"before"]
+        assert wal.next_lsn() == 1

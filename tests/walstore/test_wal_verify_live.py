@@ -68,3 +68,25 @@ def test_damage_is_still_reported_while_the_log_is_open(tmp_path: Path) -> None:
         report = verify(str(tmp_path / "wal"))
         assert not report.ok
         assert report.problems[0].segment == path.name
+
+
+def test_status_of_a_log_opened_while_it_looks_is_not_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody had the log open when ``walstore status`` looked, so it read the disk; a
+    process opened it and rolled over between its listing and its reading of HEAD: it
+    said "records at the end of the log were lost" (exit 2) of a healthy log."""
+    with _log(tmp_path) as wal:
+        stale = list_segments(wal._fs, wal.directory)
+        for i in range(20):  # rolls over to a new segment
+            wal.append(f"more {i}".encode().ljust(500, b"."))
+        looks = []
+
+        def attached_after_the_first_look(directory: str) -> bool:
+            looks.append(directory)
+            return len(looks) > 1
+
+        monkeypatch.setattr(walstore.inspect, "others_attached", attached_after_the_first_look)
+        _stale_once(monkeypatch, walstore.recovery, stale)
+        snap = walstore.inspect.snapshot(str(tmp_path / "wal"))
+        assert snap.next_lsn == wal.next_lsn() and snap.live

@@ -55,7 +55,8 @@ Torn tail: after a crash, the active segment may end in an incomplete or corrupt
 record, provided nothing valid follows; the cut bytes are copied to ``torn/`` first. The
 cut goes back to the end of the last whole batch: records with MORE set that are not
 followed by the rest of their batch are part of the torn tail (an append is all or none).
-A batch never spans two segments, so a sealed segment never ends in MORE. A bad
+The writer never splits a batch between segments; a sealed segment is judged by its LSNs
+alone (an early end is corruption, wherever it falls). A bad
 record anywhere else (a sealed segment, or followed by a valid record) is corruption: open
 refuses with the segment, offset and reason, and ``walstore repair`` is the way past it.
 

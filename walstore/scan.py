@@ -176,7 +176,8 @@ def examine(
         return result, None
     if not newest:
         # (A sealed segment's end is judged by its caller, which knows the next one's
-        # first LSN: an early end, then the end of a batch.)
+        # first LSN; a batch is judged only at the end of the log, where one can be cut
+        # short: the writer never splits one between segments.)
         if stop is None:
             return result, None
         return result, Damage(stop.offset, stop.reason, torn=False)

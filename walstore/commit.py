@@ -330,7 +330,7 @@ class Writer(SegmentWriter):
             roll = st.offset + size + need > self._opts.segment_bytes
             roll = roll and st.offset + size > SEGMENT_HEADER_SIZE
             try:
-                self._check_cap(st, size + need + (SEGMENT_HEADER_SIZE if roll else 0))
+                st = self._check_cap(st, size + need + (SEGMENT_HEADER_SIZE if roll else 0))
                 if roll:
                     pending, chunk, placed, size = (chunk, placed), [], [], 0
                     st = self._write_chunk(st, *pending)

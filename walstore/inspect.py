@@ -20,7 +20,7 @@ from .format import segment_name
 from .fs import OsFs
 from .log import Status
 from .reader import Reader
-from .recovery import load_meta, read_checkpoint, survey
+from .recovery import CHECKPOINT, HEAD, load_meta, read_checkpoint, survey
 from .scan import Record, examine
 from .segments import list_segments, read_header, segment_path
 from .shm import SharedState, TornStateError
@@ -65,12 +65,11 @@ def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
     fs = fs or OsFs()
     _require_log(directory)
     for attempt in range(1, LIVE_ATTEMPTS + 1):
+        before = _disk_mark(directory)
         try:
             return _snapshot_once(fs, directory)
         except (CorruptLogError, FileNotFoundError):
-            # Nobody had it open when it looked, but someone does now: a roll-over or a
-            # prune between two of its reads of the disk is not damage (see verify).
-            if attempt == LIVE_ATTEMPTS or not others_attached(directory):
+            if attempt == LIVE_ATTEMPTS or not _changed(directory, before):
                 raise
     raise AssertionError("unreachable")
 
@@ -203,15 +202,35 @@ def verify(directory: str, fs: OsFs | None = None) -> VerifyReport:
     fs = fs or OsFs()
     _require_log(directory)
     for attempt in range(1, LIVE_ATTEMPTS + 1):
+        before = _disk_mark(directory)
         try:
             report = _verify_once(fs, directory)
         except FileNotFoundError:
-            if attempt < LIVE_ATTEMPTS and others_attached(directory):
+            if attempt < LIVE_ATTEMPTS and _changed(directory, before):
                 continue
             raise
-        if report.ok or attempt == LIVE_ATTEMPTS or not others_attached(directory):
+        if report.ok or attempt == LIVE_ATTEMPTS or not _changed(directory, before):
             break
     return report
+
+
+def _disk_mark(directory: str) -> tuple[object, ...]:
+    """What a roll-over, a prune or a new HEAD or CHECKPOINT changes: the directory's
+    names, and HEAD's and CHECKPOINT's identity (each is replaced by a rename)."""
+    marks: list[object] = [tuple(sorted(os.listdir(directory)))]
+    for name in (HEAD, CHECKPOINT):
+        try:
+            st = os.stat(os.path.join(directory, name))
+            marks.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            marks.append(None)
+    return tuple(marks)
+
+
+def _changed(directory: str, before: tuple[object, ...]) -> bool:
+    """What looked like damage may be a change made between two reads: the files moved
+    on since ``before``, or processes have the log open (a live log moves on)."""
+    return _disk_mark(directory) != before or others_attached(directory)
 
 
 def _verify_once(fs: OsFs, directory: str) -> VerifyReport:

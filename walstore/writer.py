@@ -106,14 +106,30 @@ class SegmentWriter:
         self._shm.set_write(st)
         return st
 
-    def _check_cap(self, st: WriteState, size: int) -> None:
+    def _check_cap(self, st: WriteState, size: int) -> WriteState:
+        """``st``, or LogFullError if ``size`` more bytes would pass the cap. Before it
+        says full, the sealed bytes are counted again on disk (returned in the state)."""
         cap = self._opts.max_bytes
+        if cap is not None and st.sealed_bytes + st.offset + size > cap:
+            st = self._recount(st)
         if cap is not None and st.sealed_bytes + st.offset + size > cap:
             raise LogFullError(
                 f"the log in {self._dir} holds {st.sealed_bytes + st.offset} bytes and the cap "
                 f"is {cap}: nothing was appended; let the pump confirm the backlog or raise "
                 "WAL_MAX_BYTES"
             )
+        return st
+
+    def _recount(self, st: WriteState) -> WriteState:
+        """The state with the sealed segments' bytes counted on disk (write lock held): a
+        process killed while it pruned, between deleting segments and lowering the
+        shared count, leaves the count too high."""
+        firsts = list_segments(self._fs, self._dir)
+        sealed = sum(self._fs.size(segment_path(self._dir, f)) for f in firsts if f < st.active)
+        if sealed != st.sealed_bytes:
+            st = st._replace(sealed_bytes=sealed)
+            self._shm.set_write(st)
+        return st
 
     def _roll(self, st: WriteState) -> WriteState:
         """Seal the active segment and start the next one (write lock held)."""
@@ -176,14 +192,11 @@ class SegmentWriter:
             firsts = list_segments(self._fs, self._dir)
             doomed = [f for f, nxt in itertools.pairwise(firsts) if nxt <= lwm]
             doomed = [f for f in doomed if f != st.active]
-            freed = 0
             for first in doomed:
-                path = segment_path(self._dir, first)
-                freed += self._fs.size(path)
-                self._fs.unlink(path)
+                self._fs.unlink(segment_path(self._dir, first))
             if doomed:
                 self._fs.fsync_dir(self._dir)
-                self._shm.set_write(st._replace(sealed_bytes=st.sealed_bytes - freed))
+                self._recount(st)  # (not minus what it freed: the count may be stale)
             return len(doomed)
 
     # ----------------------------------------------------------------- errors, files

@@ -4,11 +4,14 @@ the log's newest segment started at LSN n (HEAD)", or failed on a bare ENOENT)."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import walstore.fs
 import walstore.inspect
 import walstore.recovery
 from walstore import Options, Wal
@@ -90,3 +93,45 @@ def test_status_of_a_log_opened_while_it_looks_is_not_damage(
         _stale_once(monkeypatch, walstore.recovery, stale)
         snap = walstore.inspect.snapshot(str(tmp_path / "wal"))
         assert snap.next_lsn == wal.next_lsn() and snap.live
+
+
+CHILD = """
+import sys
+from walstore import Options, Wal
+with Wal.open(sys.argv[1], Options(segment_bytes=8192, min_free_bytes=0)) as wal:
+    if sys.argv[2] == "roll":
+        for _ in range(12):
+            wal.append(b"y" * 1000)  # rolls over: a new segment, HEAD moves
+    else:
+        wal.set_low_water_mark(wal.high_water_mark())  # prunes
+"""
+
+
+@pytest.mark.parametrize("what", ["roll", "prune"])
+def test_a_process_that_opened_changed_and_closed_the_log_while_it_looked(
+    tmp_path: Path, what: str
+) -> None:
+    """Nobody has the log open before status/verify look, nor after: one process opened
+    it, rolled over (or pruned) and closed it between two of their reads. They said
+    "records at the end of the log were lost", or failed on ENOENT, of a healthy log
+    (the retry was only for a log still open)."""
+    directory = str(tmp_path / "wal")
+    with Wal.open(directory, Options(segment_bytes=8192, min_free_bytes=0)) as wal:
+        for _ in range(30):
+            wal.append(b"x" * 1000)
+
+    class OtherProcessMeanwhile(walstore.fs.OsFs):
+        fired = False
+
+        def read_file(self, path: str) -> bytes:
+            if path.endswith("META") and not OtherProcessMeanwhile.fired:
+                OtherProcessMeanwhile.fired = True
+                subprocess.run([sys.executable, "-c", CHILD, directory, what], check=True)
+            return super().read_file(path)
+
+    for look in (walstore.inspect.snapshot, walstore.inspect.verify):
+        OtherProcessMeanwhile.fired = False
+        result = look(directory, fs=OtherProcessMeanwhile())
+        assert OtherProcessMeanwhile.fired
+        if isinstance(result, walstore.inspect.VerifyReport):
+            assert result.ok, result.problems

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from walstore import Options, Wal
 
-OPTS = dict(segment_bytes=8192, max_bytes=4 * 8192, min_free_bytes=0)
+OPTS = Options(segment_bytes=8192, max_bytes=4 * 8192, min_free_bytes=0)
 
 DIES_MID_PRUNE = """
 import os, sys
@@ -32,7 +32,7 @@ def _on_disk(directory: Path) -> int:
 
 def test_a_pruner_killed_midway_leaves_no_false_log_full(tmp_path: Path) -> None:
     directory = tmp_path / "wal"
-    with Wal.open(directory, Options(**OPTS)) as wal:  # keeps the shared state alive
+    with Wal.open(directory, OPTS) as wal:  # keeps the shared state alive
         for _round in range(6):
             for _ in range(9):
                 wal.append(b"r" * 1000)  # about a segment's worth: rolls over

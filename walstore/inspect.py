@@ -68,7 +68,8 @@ def snapshot(directory: str, fs: OsFs | None = None) -> Snapshot:
         before = _disk_mark(directory)
         try:
             return _snapshot_once(fs, directory)
-        except (CorruptLogError, FileNotFoundError):
+        except (CorruptLogError, FileNotFoundError, LogAttachError):
+            # (LogAttachError: the shared state read while a process rebuilt it.)
             if attempt == LIVE_ATTEMPTS or not _changed(directory, before):
                 raise
     raise AssertionError("unreachable")

@@ -196,7 +196,9 @@ class SegmentWriter:
                 self._fs.unlink(segment_path(self._dir, first))
             if doomed:
                 self._fs.fsync_dir(self._dir)
-                self._recount(st)  # (not minus what it freed: the count may be stale)
+            # Counted, not lowered by what it freed, and even when nothing was left to
+            # delete: a pruner killed before it lowered the count left it too high.
+            self._recount(st)
             return len(doomed)
 
     # ----------------------------------------------------------------- errors, files

@@ -44,3 +44,39 @@ def test_a_pruner_killed_midway_leaves_no_false_log_full(tmp_path: Path) -> None
             wal.append(b"r" * 1000)
         wal.set_low_water_mark(wal.high_water_mark())
         assert wal.status().bytes <= _on_disk(directory) + 8192
+
+
+DIES_AFTER_ITS_UNLINKS = """
+import os, sys
+from walstore import Options, Wal
+from walstore.fs import OsFs
+class DiesAtTheDirectorySync(OsFs):
+    unlinked = False
+    def unlink(self, path):
+        super().unlink(path)
+        self.unlinked = True
+    def fsync_dir(self, path):
+        if self.unlinked:
+            os._exit(9)  # every doomed segment deleted, the count not yet recounted
+        super().fsync_dir(path)
+wal = Wal.open(sys.argv[1], Options(segment_bytes=8192, min_free_bytes=0,
+               fs=DiesAtTheDirectorySync()))
+wal.set_low_water_mark(wal.high_water_mark())
+"""
+
+
+def test_the_next_prune_recounts_even_with_nothing_left_to_delete(tmp_path: Path) -> None:
+    """The pruner died after deleting every doomed segment: the next prune found none to
+    delete and left the count too high (status' bytes) for as long as the log was open."""
+    directory = tmp_path / "wal"
+    with Wal.open(directory, Options(segment_bytes=8192, min_free_bytes=0)) as wal:
+        for _ in range(40):
+            wal.append(b"r" * 1000)
+        child = subprocess.run([sys.executable, "-c", DIES_AFTER_ITS_UNLINKS, str(directory)])
+        assert child.returncode == 9
+        wal.append(b"r" * 1000)  # (the dead pruner's mark was persisted: move past it)
+        assert wal.set_low_water_mark(wal.high_water_mark()) == 0  # nothing left to delete
+        active = max(directory.glob("*.seg"))
+        sealed = _on_disk(directory) - active.stat().st_size
+        status = wal.status()
+        assert status.bytes - sealed < 8192, (status.bytes, sealed)

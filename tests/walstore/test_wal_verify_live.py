@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import walstore
 import walstore.fs
 import walstore.inspect
 import walstore.recovery
@@ -135,3 +136,24 @@ def test_a_process_that_opened_changed_and_closed_the_log_while_it_looked(
         assert OtherProcessMeanwhile.fired
         if isinstance(result, walstore.inspect.VerifyReport):
             assert result.ok, result.problems
+
+
+def test_status_looks_again_when_the_shared_state_was_being_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process closed the log and another opened and recovered it while status read
+    the shared state: mid-rebuild it is not valid yet, and status said it "was removed or
+    replaced" (LogAttachError, exit 2) of a healthy log."""
+    with _log(tmp_path) as wal:
+        real = walstore.inspect._live_state
+        looks: list[str] = []
+
+        def mid_rebuild_once(directory: str) -> object:
+            looks.append(directory)
+            if len(looks) == 1:
+                raise walstore.LogAttachError("shared state file shm is not theirs")
+            return real(directory)
+
+        monkeypatch.setattr(walstore.inspect, "_live_state", mid_rebuild_once)
+        snap = walstore.inspect.snapshot(str(tmp_path / "wal"))
+        assert snap.live and snap.next_lsn == wal.next_lsn() and len(looks) == 2

@@ -41,6 +41,15 @@ def _offsets(directory: Path, first: int) -> list[tuple[int, int]]:
     return out
 
 
+def _one_record_then_a_batch(directory: Path) -> tuple[list[tuple[int, int]], Path, bytearray]:
+    """A log of one record, then a batch of PAYLOADS: its records, its segment, its bytes."""
+    with Wal.open(directory) as wal:
+        wal.append(b"before")
+        wal.append_batch(PAYLOADS)
+    path = Path(segment_path(str(directory), 0))
+    return _offsets(directory, 0), path, bytearray(path.read_bytes())
+
+
 def test_every_record_of_a_batch_but_the_last_says_more_follows(tmp_path: Path) -> None:
     with Wal.open(tmp_path / "wal") as wal:
         wal.append(b"alone")
@@ -54,12 +63,7 @@ def test_every_record_of_a_batch_but_the_last_says_more_follows(tmp_path: Path) 
 def test_recovery_cuts_a_batch_whose_end_is_missing(tmp_path: Path, lost: int) -> None:
     """The last ``lost`` records of a batch never reached the disk (zeros)."""
     directory = tmp_path / "wal"
-    with Wal.open(directory) as wal:
-        wal.append(b"before")
-        wal.append_batch(PAYLOADS)
-    records = _offsets(directory, 0)
-    path = Path(segment_path(str(directory), 0))
-    raw = bytearray(path.read_bytes())
+    records, path, raw = _one_record_then_a_batch(directory)
     start = records[len(records) - lost][0]
     raw[start : records[-1][0] + RECORD_HEADER_SIZE + 300] = bytes(
         records[-1][0] + RECORD_HEADER_SIZE + 300 - start
@@ -143,12 +147,7 @@ def test_repair_cuts_an_incomplete_batch_as_open_does(tmp_path: Path, tail: str)
     the torn tail, as open would (it kept them, and rewrote them without the flag, so
     the partial batch stayed for good; with zeros after them it did nothing)."""
     directory = tmp_path / "wal"
-    with Wal.open(directory) as wal:
-        wal.append(b"before")
-        wal.append_batch(PAYLOADS)
-    records = _offsets(directory, 0)
-    path = Path(segment_path(str(directory), 0))
-    raw = bytearray(path.read_bytes())
+    records, path, raw = _one_record_then_a_batch(directory)
     last = records[-1][0]
     if tail == "zeros":
         raw[last : last + RECORD_HEADER_SIZE + 300] = bytes(RECORD_HEADER_SIZE + 300)

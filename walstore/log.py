@@ -7,6 +7,7 @@ and process share flushes (group commit, see ``walstore.commit``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import threading
@@ -43,6 +44,7 @@ _T = TypeVar("_T")
 def _open_call(method: Callable[_P, _T]) -> Callable[_P, _T]:
     """A call on an open handle, which close() waits for (see Wal._enter)."""
 
+    @functools.wraps(method)
     def call(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         wal = args[0]
         assert isinstance(wal, Wal)
@@ -55,9 +57,6 @@ def _open_call(method: Callable[_P, _T]) -> Callable[_P, _T]:
         finally:
             wal._leave()
 
-    call.__name__, call.__qualname__, call.__doc__ = (
-        method.__name__, method.__qualname__, method.__doc__,
-    )  # fmt: skip
     return call
 
 

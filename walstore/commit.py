@@ -148,15 +148,10 @@ class Writer(SegmentWriter):
                 return synced
             if shm.poisoned():
                 raise self.poisoned_error()
-            if self._wlock.acquire(blocking=False):
-                self._lead(None, durable=force or always)
-                return shm.synced_lsn()
             now = time.monotonic()
-            if not missed:
-                missed = now
-            elif now - missed > FLUSH_TURN_WAIT:
-                # Others keep retaking the lock between our looks: queue for it.
-                self._wlock.acquire()
+            missed = missed or now
+            # Others retaking the lock between our looks for this long: queue for it.
+            if self._wlock.acquire(blocking=now - missed > FLUSH_TURN_WAIT):
                 self._lead(None, durable=force or always)
                 return shm.synced_lsn()
             word.wait(seen, FOLLOWER_WAIT)

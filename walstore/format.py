@@ -56,9 +56,9 @@ record, provided nothing valid follows; the cut bytes are copied to ``torn/`` fi
 cut goes back to the end of the last whole batch: records with MORE set that are not
 followed by the rest of their batch are part of the torn tail (an append is all or none).
 The writer never splits a batch between segments; a sealed segment is judged by its LSNs
-alone (an early end is corruption, wherever it falls). A bad
-record anywhere else (a sealed segment, or followed by a valid record) is corruption: open
-refuses with the segment, offset and reason, and ``walstore repair`` is the way past it.
+alone (an early end is corruption, wherever it falls). A bad record anywhere else (a
+sealed segment, or followed by a valid record) is corruption: open refuses with the
+segment, offset and reason, and ``walstore repair`` is the way past it.
 
 CHECKPOINT (16 bytes): ``<QI4x``: low water mark, then CRC32C of those 8 bytes. It is
 replaced atomically (write temp, fsync, rename, fsync directory).

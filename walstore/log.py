@@ -259,11 +259,8 @@ class Wal:
         )
 
     @property
-    def poisoned(self) -> bool:
-        return self._poisoned()
-
     @_open_call
-    def _poisoned(self) -> bool:
+    def poisoned(self) -> bool:
         return self._shm.poisoned()
 
     @property

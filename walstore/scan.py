@@ -10,6 +10,7 @@ import crc32c as _crc32c
 
 from .format import (
     FLAG_MORE,
+    FLAGS_OFFSET,
     MAX_RECORD_BYTES,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
@@ -140,9 +141,10 @@ def find_valid_after(buf: bytes, start: int, salt: int, min_lsn: int) -> tuple[i
         if rtype not in VALID_TYPES or not min_lsn <= rlsn < min_lsn + (1 << 32):
             continue
         end = pos + RECORD_HEADER_SIZE + length
-        if length > MAX_RECORD_BYTES or end > len(buf) or buf[pos + 17] > FLAG_MORE:
+        flags = pos + FLAGS_OFFSET
+        if length > MAX_RECORD_BYTES or end > len(buf) or buf[flags] > FLAG_MORE:
             continue
-        if buf[pos + 18 : pos + 20] != b"\0\0":
+        if buf[flags + 1 : pos + RECORD_HEADER_SIZE] != b"\0\0":
             continue
         if crc(memoryview(buf)[pos + 4 : end], salt) == stored:
             return pos, rlsn

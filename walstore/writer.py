@@ -110,9 +110,10 @@ class SegmentWriter:
         """``st``, or LogFullError if ``size`` more bytes would pass the cap. Before it
         says full, the sealed bytes are counted again on disk (returned in the state)."""
         cap = self._opts.max_bytes
-        if cap is not None and st.sealed_bytes + st.offset + size > cap:
-            st = self._recount(st)
-        if cap is not None and st.sealed_bytes + st.offset + size > cap:
+        if cap is None or st.sealed_bytes + st.offset + size <= cap:
+            return st
+        st = self._recount(st, list_segments(self._fs, self._dir))
+        if st.sealed_bytes + st.offset + size > cap:
             raise LogFullError(
                 f"the log in {self._dir} holds {st.sealed_bytes + st.offset} bytes and the cap "
                 f"is {cap}: nothing was appended; let the pump confirm the backlog or raise "
@@ -120,11 +121,10 @@ class SegmentWriter:
             )
         return st
 
-    def _recount(self, st: WriteState) -> WriteState:
-        """The state with the sealed segments' bytes counted on disk (write lock held): a
-        process killed while it pruned, between deleting segments and lowering the
-        shared count, leaves the count too high."""
-        firsts = list_segments(self._fs, self._dir)
+    def _recount(self, st: WriteState, firsts: list[int]) -> WriteState:
+        """The state with the bytes of the sealed segments among ``firsts`` (the segments
+        on disk) counted (write lock held): a process killed while it pruned, between
+        deleting segments and lowering the shared count, leaves the count too high."""
         sealed = sum(self._fs.size(segment_path(self._dir, f)) for f in firsts if f < st.active)
         if sealed != st.sealed_bytes:
             st = st._replace(sealed_bytes=sealed)
@@ -198,7 +198,7 @@ class SegmentWriter:
                 self._fs.fsync_dir(self._dir)
             # Counted, not lowered by what it freed, and even when nothing was left to
             # delete: a pruner killed before it lowered the count left it too high.
-            self._recount(st)
+            self._recount(st, [f for f in firsts if f not in doomed])
             return len(doomed)
 
     # ----------------------------------------------------------------- errors, files

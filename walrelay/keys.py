@@ -5,11 +5,15 @@ send time; a second send of K within the window returns that receipt (same diges
 raises DuplicateKeyError (another digest). Sends without a key never come here.
 
 Concurrency: a keyed send holds its key's *stripe* (one of ``STRIPES``: a thread lock
-plus an fcntl byte-range lock on ``keys.lock``) across look-up, append and insert, so
+plus a byte-range lock on ``keys.lock``) across look-up, append and insert, so
 two senders of one key (threads or processes) take turns and append once, while sends
 of different keys rarely share a stripe and still meet in the log's group commit.
 SQLite writes are serialised by one more byte-range lock, so SQLite itself never sees
-a busy database (its busy handler sleeps in milliseconds).
+a busy database (its busy handler sleeps in milliseconds). The byte-range locks are
+open file description locks (Linux): a POSIX record lock belongs to the whole process,
+so the kernel's deadlock check took two threads of one process waiting on different
+locks for a cycle and failed the send with EDEADLK; with the thread locks ordering a
+process's own threads, there is none. Elsewhere they are POSIX record locks.
 
 Crashes. The WAL record holds its key and is the truth; the index is a cache of it:
 
@@ -62,6 +66,8 @@ _WRITER = STRIPES * _SLOT.size  # the byte locked around SQLite writes
 PURGE_INTERVAL = 60.0  # seconds between two purges of expired keys by one process
 BUSY_TIMEOUT_S = 30.0
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
+_OFD = hasattr(fcntl, "F_OFD_SETLKW")
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock (Linux, 64-bit off_t)
 _NOTHING_APPENDED = (LogFullError, RecordTooLargeError)
 
 _SCHEMA = (
@@ -210,19 +216,19 @@ class KeyIndex:
     def _stripe(self, stripe: int) -> Iterator[None]:
         offset = stripe * _SLOT.size
         with self._threads[stripe]:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, offset)
+            _lock(self._fd, offset, 1)
             try:
                 yield
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
+                _unlock(self._fd, offset, 1)
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _WRITER)
+        _lock(self._fd, _WRITER, 1)
         try:
             yield
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _WRITER)
+            _unlock(self._fd, _WRITER, 1)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -342,11 +348,11 @@ class KeyIndex:
     @contextlib.contextmanager
     def _every_stripe(self) -> Iterator[None]:
         """Every stripe at once (and so no send runs), across processes."""
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, _WRITER, 0)
+        _lock(self._fd, 0, _WRITER)
         try:
             yield
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, _WRITER, 0)
+            _unlock(self._fd, 0, _WRITER)
 
     def _seen_losses(self) -> list[int]:
         raw = self._meta("lost_tails")
@@ -396,7 +402,20 @@ class KeyIndex:
         self.closed = True
         with self._db_lock:
             self._db.close()
-        os.close(self._fd)  # drops this process's locks on keys.lock: none are held now
+        if self._fd >= 0:
+            os.close(self._fd)  # drops this process's locks on keys.lock: none are held now
+            self._fd = -1
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: let go of the parent's descriptor on ``keys.lock``. An open
+        file description lock lives as long as any descriptor of it, so a parent killed
+        while a thread of it held a stripe would otherwise leave that stripe locked for
+        as long as this child lives. The child opens an index of its own."""
+        self.closed = True
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
     def _meta(self, name: str) -> str | None:
         with self._db_lock:
@@ -434,6 +453,38 @@ def _hash(key: str) -> bytes:
 
 _registry_lock = threading.Lock()
 _registry: dict[tuple[int, str], KeyIndex] = {}
+
+
+def _lock(fd: int, start: int, length: int) -> None:
+    """Wait for, then take, bytes [start, start + length) of ``keys.lock``."""
+    if _OFD:
+        lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, lock)
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_EX, length, start)
+
+
+def _unlock(fd: int, start: int, length: int) -> None:
+    if _OFD:
+        fcntl.fcntl(
+            fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0)
+        )
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
+
+
+def _after_fork_in_child() -> None:
+    """The parent's indexes are not the child's (they are found by pid): drop their lock
+    descriptors (see ``KeyIndex.forget_after_fork``)."""
+    global _registry_lock
+    _registry_lock = threading.Lock()  # another thread of the parent may have held it
+    for index in _registry.values():
+        index.forget_after_fork()
+    _registry.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def index_for(wal: Wal) -> KeyIndex:

@@ -85,7 +85,8 @@ def _repair(args: argparse.Namespace) -> int:
             f"entries {new}..{old - 1} will be delivered again"
         )
     if report.cut_bytes:
-        print(f"cut {report.cut_bytes} bytes of torn tail")
+        print(f"cut {report.cut_bytes} bytes that held no whole record (a torn tail, or "
+              "bytes after a sealed segment's last record)")  # fmt: skip
     for start, end in report.lost:
         print(f"LOST: LSN {start}..{end - 1} ({end - start} records) could not be recovered")
     if report.lost_tail is not None:

@@ -156,11 +156,14 @@ def dump(
     Raises CorruptLogError (after yielding every record before it) where the records
     stop verifying, as the pump's reader does. Records pruned while it runs (confirmed,
     and deleted by another process) are skipped: it goes on from the first left. A
-    ``from_lsn`` no longer in the log when it starts raises LsnOutOfRangeError."""
+    ``from_lsn`` no longer in the log when it starts, or past its high water mark, raises
+    LsnOutOfRangeError."""
     fs = fs or OsFs()
     snap = snap or snapshot(directory, fs)
     hwm = snap.high_water_mark
     lsn = snap.first_lsn if from_lsn is None else from_lsn
+    if lsn > hwm:  # as Wal.reader: nothing there yet is not the end of what is there
+        raise LsnOutOfRangeError(f"LSN {lsn} is past the high water mark {hwm}")
     while True:
         reader = Reader(fs, directory, lsn, lambda: hwm)
         try:
@@ -234,6 +237,13 @@ def _changed(directory: str, before: tuple[object, ...]) -> bool:
     return _disk_mark(directory) != before or others_attached(directory)
 
 
+def _pruned(fs: OsFs, directory: str, first: int) -> bool:
+    """The segment of ``first`` went from the front of the log, below the low water mark:
+    pruned (its records were confirmed), not lost."""
+    now = list_segments(fs, directory)
+    return bool(now) and now[0] > first and read_checkpoint(fs, directory) >= now[0]
+
+
 def _verify_once(fs: OsFs, directory: str) -> VerifyReport:
     report = VerifyReport()
     try:
@@ -246,8 +256,15 @@ def _verify_once(fs: OsFs, directory: str) -> VerifyReport:
     report.segments = len(firsts)
     for i, first in enumerate(firsts[:-1]):
         name = segment_name(first)
-        salt = read_header(fs, directory, first, found.wal_id).salt
-        result, damage = examine(fs.read_file(segment_path(directory, first)), salt, first, False)
+        try:
+            salt = read_header(fs, directory, first, found.wal_id).salt
+            data = fs.read_file(segment_path(directory, first))
+        except FileNotFoundError:
+            if _pruned(fs, directory, first):
+                report.segments -= 1  # confirmed and deleted since the listing
+                continue
+            raise
+        result, damage = examine(data, salt, first, False)
         report.records += result.n_records
         if damage is not None:
             report.problems.append(Problem(name, damage.offset, damage.reason, True))

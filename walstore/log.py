@@ -171,9 +171,11 @@ class Wal:
         for p in payloads:
             if not isinstance(p, bytes | bytearray | memoryview):
                 raise TypeError(f"payload must be bytes, not {type(p).__name__}")
-            if len(p) > self._opts.max_record_bytes:
+            # In bytes: len() of a memoryview counts the items of its shape and format.
+            size = len(p) if type(p) is bytes else memoryview(p).nbytes
+            if size > self._opts.max_record_bytes:
                 raise RecordTooLargeError(
-                    f"record of {len(p)} bytes exceeds max_record_bytes "
+                    f"record of {size} bytes exceeds max_record_bytes "
                     f"({self._opts.max_record_bytes}); nothing was appended"
                 )
             batch.append(p if type(p) is bytes else bytes(p))
@@ -239,6 +241,8 @@ class Wal:
 
         Returns how many segments were deleted. Never moves the mark backwards and
         never past the high water mark."""
+        if type(lsn) is not int:  # bool is an int, and not an LSN
+            raise TypeError(f"lsn must be an int, not {type(lsn).__name__}")
         return self._set_low_water_mark(lsn)
 
     @_open_call

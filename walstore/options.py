@@ -10,6 +10,10 @@ from dataclasses import dataclass, field, replace
 
 from .format import MAX_RECORD_BYTES, SEGMENT_HEADER_SIZE
 
+# Every new segment is written whole (zeros) before it is used, and pruning frees whole
+# segments: past this, a roll-over stalls appends for seconds and disk use jumps by a lot.
+MAX_SEGMENT_BYTES = 1 << 30
+
 
 class SyncPolicy(enum.Enum):
     """When an append is acknowledged."""
@@ -58,6 +62,11 @@ class Options:
     def __post_init__(self) -> None:
         if self.segment_bytes < SEGMENT_HEADER_SIZE + 4096:
             raise ValueError(f"segment_bytes={self.segment_bytes} is too small (min 4160)")
+        if self.segment_bytes > MAX_SEGMENT_BYTES:
+            raise ValueError(
+                f"segment_bytes={self.segment_bytes} is too large (at most {MAX_SEGMENT_BYTES}, "
+                "1 GiB)"
+            )
         if not 0 < self.max_record_bytes <= MAX_RECORD_BYTES:
             raise ValueError(f"max_record_bytes must be in 1..{MAX_RECORD_BYTES}")
         if self.max_bytes is not None and self.max_bytes < 2 * self.segment_bytes:

@@ -4,6 +4,7 @@ checked from headers alone, and the newest segment's torn tail cut back."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from .attach import check_shared_files
-from .errors import CorruptLogError
+from .errors import CorruptLogError, LogFullError
 from .format import (
     FORMAT_VERSION,
     NO_PREVIOUS,
@@ -211,6 +212,14 @@ def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes,
     """Recover the log; returns (write state, WAL id, low water mark)."""
     remove_temp_files(fs, directory)
     if not list_segments(fs, directory):
+        # The floor every roll-over keeps (walstore.writer), before anything is written.
+        free = fs.free_bytes(directory)
+        if free < opts.segment_bytes + opts.min_free_bytes:
+            raise LogFullError(
+                f"only {free} bytes free on the disk of {directory}: not creating the log's "
+                f"first segment ({opts.segment_bytes} bytes, and {opts.min_free_bytes} kept "
+                "free). Free disk space, or lower WAL_SEGMENT_BYTES"
+            )
         # Only a new log gets an id: segments without META mean damage, and a fresh id
         # would make every one of them fail validation for good.
         wal_id = load_meta(fs, directory, create=True)
@@ -218,9 +227,14 @@ def recover(fs: OsFs, directory: str, opts: Options) -> tuple[WriteState, bytes,
         lwm = read_checkpoint(fs, directory)
         if lwm:
             raise CorruptLogError(CHECKPOINT, 0, f"low water mark {lwm} but no segment exists")
-        fd, salt = create_segment(
-            fs, directory, 0, NO_PREVIOUS, wal_id, opts.segment_bytes, opts.preallocate
-        )
+        try:
+            fd, salt = create_segment(
+                fs, directory, 0, NO_PREVIOUS, wal_id, opts.segment_bytes, opts.preallocate
+            )
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LogFullError(f"no space for the first segment in {directory}: {exc}") from exc
+            raise
         fs.close(fd)
         write_head(fs, directory, 0)
         return WriteState(0, salt, INTENT_NONE, SEGMENT_HEADER_SIZE, 0, 0, 0), wal_id, 0

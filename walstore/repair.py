@@ -46,12 +46,13 @@ from .recovery import (
     write_checkpoint,
     write_head,
 )
-from .scan import check_record, find_valid_after, last_nonzero_end
-from .segments import list_segments, segment_path
+from .scan import check_record, find_valid_after, last_nonzero_end, scan
+from .segments import list_segments, read_header, segment_path
 from .shm import SharedState
 
-# The most lost placeholders repair writes after what is left of a log whose end was lost
-# (20 bytes each: an 80 MiB segment); a HEAD or CHECKPOINT further ahead is not believed.
+# The most lost placeholders repair writes in one stretch (20 bytes each: an 80 MiB
+# segment): a HEAD or CHECKPOINT further past the end, or a segment named further past the
+# one before it, is not believed.
 MAX_PLACEHOLDERS = 1 << 22
 
 
@@ -102,6 +103,11 @@ def repair(directory: str, fs: OsFs | None = None) -> RepairReport:
         if os.path.lexists(path) and not os.path.isfile(path):
             _clear_way(fs, directory, name, report)
             report.rewritten.append(name)  # made again by the next open
+    for first in list_segments(fs, directory):
+        name = segment_name(first)
+        if os.path.isdir(os.path.join(directory, name)):  # holds no record: out of the way
+            _clear_way(fs, directory, name, report)
+            report.rewritten.append(name)
     lock = AttachLock(directory)
     try:
         if not lock.try_exclusive():
@@ -134,11 +140,13 @@ def _repair(fs: OsFs, directory: str, report: RepairReport) -> RepairReport:
             # turned every record into a lost placeholder.
             problem = f"META names WAL id {wal_id.hex()}, which no segment carries"
             wal_id = _rebuild_meta(fs, directory, firsts, problem, report)
+    firsts = _set_aside_strays(fs, directory, firsts, wal_id, report)
     plan: list[_Salvage] = []
     expected = firsts[0] if firsts else 0
     for i, first in enumerate(firsts):
         nxt = firsts[i + 1] if i + 1 < len(firsts) else None
         if first > expected:  # a missing segment: fill its LSNs with placeholders
+            _check_stretch(expected, first)
             plan.append(_Salvage(expected, _lost(expected, first), first, True))
             report.lost.append((expected, first))
         elif first < expected:
@@ -361,6 +369,7 @@ def _salvage(
         # next segment: follow the records' framing (unverified) to find how many LSNs it
         # used, so that none is handed out again.
         end = nxt if nxt is not None else _framed_end(buf, first)
+        _check_stretch(first, end)
         if end > first:
             report.lost.append((first, end))
         return _Salvage(first, _lost(first, end), end, True)
@@ -378,7 +387,9 @@ def _salvage(
             continue
         found = find_valid_after(buf, pos, header.salt, lsn)
         if found is None:
-            cut = last_nonzero_end(buf, pos) - pos
+            # Zeros after the records are the newest segment's unused room; a sealed one
+            # was cut to its last record, so whatever follows that is damage.
+            cut = (len(buf) if nxt is not None else last_nonzero_end(buf, pos)) - pos
             if cut:
                 damaged = True
                 report.cut_bytes += cut
@@ -397,6 +408,7 @@ def _salvage(
         lsn = records[whole[1]][0]
         del records[whole[1] :]
     if nxt is not None and lsn < nxt:  # the segment's end was lost
+        _check_stretch(lsn, nxt)
         damaged = True
         report.lost.append((lsn, nxt))
         records.extend(_lost(lsn, nxt))
@@ -404,6 +416,57 @@ def _salvage(
     elif nxt is not None and lsn > nxt:
         raise CorruptLogError(segment_name(first), pos, f"runs past the next segment ({nxt})")
     return _Salvage(first, records, lsn, damaged)
+
+
+def _set_aside_strays(
+    fs: OsFs, directory: str, firsts: list[int], wal_id: bytes, report: RepairReport
+) -> list[int]:
+    """Move into the backup directory every file named like a segment whose header is
+    not one of this log's and whose LSNs the segment before it holds, records that
+    verify: not a segment of this log but a stray (a copy, a download, garbage), which
+    would otherwise make that segment "run past the next one" for good. Returns the
+    segments left."""
+    kept: list[int] = []
+    for first in firsts:
+        try:
+            read_header(fs, directory, first, wal_id)
+        except CorruptLogError:
+            before = kept[-1] if kept else None
+            if before is not None and _verified_end(fs, directory, before, wal_id) > first:
+                _move_aside(fs, directory, segment_name(first), report)
+                continue
+        kept.append(first)
+    return kept
+
+
+def _verified_end(fs: OsFs, directory: str, first: int, wal_id: bytes) -> int:
+    """The LSN after the last record of a segment that verifies (0: its header does not)."""
+    try:
+        salt = read_header(fs, directory, first, wal_id).salt
+    except CorruptLogError:
+        return 0
+    return scan(fs.read_file(segment_path(directory, first)), SEGMENT_HEADER_SIZE, salt,
+                first).next_lsn  # fmt: skip
+
+
+def _move_aside(fs: OsFs, directory: str, name: str, report: RepairReport) -> None:
+    if report.backup_dir is None:
+        report.backup_dir = _new_backup_dir(directory)
+    os.rename(os.path.join(directory, name), os.path.join(report.backup_dir, name))
+    fs.fsync_dir(directory)
+    report.rewritten.append(name)
+
+
+def _check_stretch(start: int, nxt: int) -> None:
+    """Refuse to fill [start, nxt) with placeholders when the segment named ``nxt`` is
+    further past ``start`` than MAX_PLACEHOLDERS: more likely a stray file than a loss."""
+    if nxt - start > MAX_PLACEHOLDERS:
+        raise CorruptLogError(
+            segment_name(nxt), 0,
+            f"starts {nxt - start} LSNs past where the log before it ends ({start}): more "
+            f"than {MAX_PLACEHOLDERS} placeholders; if it is not a segment of this log, move "
+            "it out of the directory and repair again",
+        )  # fmt: skip
 
 
 def _new_backup_dir(directory: str) -> str:

@@ -35,11 +35,14 @@ def segment_path(directory: str, first_lsn: int) -> str:
 def read_header(fs: OsFs, directory: str, first_lsn: int, wal_id: bytes) -> SegmentHeader:
     """Read and check one segment's header against its name and the log's id."""
     name = segment_name(first_lsn)
-    fd = fs.open(os.path.join(directory, name), os.O_RDONLY)
     try:
-        raw = fs.pread(fd, SEGMENT_HEADER_SIZE, 0)
-    finally:
-        fs.close(fd)
+        fd = fs.open(os.path.join(directory, name), os.O_RDONLY)
+        try:
+            raw = fs.pread(fd, SEGMENT_HEADER_SIZE, 0)
+        finally:
+            fs.close(fd)
+    except IsADirectoryError:
+        raise CorruptLogError(name, 0, "is a directory, not a segment file") from None
     try:
         header = unpack_segment_header(raw)
     except ValueError as exc:

@@ -291,6 +291,55 @@ def test_record_too_large_appends_nothing(tmp_path: Path) -> None:
         assert [r[0] for r in read_all(wal)] == [0]
 
 
+def test_record_size_is_its_bytes_whatever_the_buffer_shape(tmp_path: Path) -> None:
+    """len() of a memoryview counts items, not bytes (a 2-D view of 1001 bytes has len 1,
+    an array of 300 4-byte ints has len 300): the limit is on the bytes written, so such
+    a payload is refused, never written past max_record_bytes (review 4)."""
+    import array
+
+    flat = memoryview(bytes(1001)).cast("B", shape=[1, 1001])
+    ints = memoryview(array.array("I", [7] * 300))  # 1200 bytes
+    with Wal.open(tmp_path, small(max_record_bytes=1000)) as wal:
+        for too_big in (flat, ints):
+            with pytest.raises(RecordTooLargeError):
+                wal.append(too_big)  # type: ignore[arg-type]
+            with pytest.raises(RecordTooLargeError):
+                wal.append_batch([b"ok", too_big])  # type: ignore[list-item]
+        assert wal.next_lsn() == wal.high_water_mark() == 0
+        fits = memoryview(array.array("I", [7] * 250))  # 1000 bytes: the limit itself
+        assert wal.append(fits) == 0  # type: ignore[arg-type]
+        assert read_all(wal) == [(0, fits.tobytes())]
+
+
+def test_segment_size_is_bounded_and_a_new_log_keeps_the_free_space_floor(
+    tmp_path: Path,
+) -> None:
+    """A huge segment size is refused with the variable named, and the first segment is
+    created under the same free-space floor as every later one (review 4: a 1 TB
+    WAL_SEGMENT_BYTES made Wal.open write zeros until the disk was full)."""
+    with pytest.raises(ValueError, match=r"WAL_SEGMENT_BYTES='1000000000000'.*at most"):
+        Options.from_env({"WAL_SEGMENT_BYTES": "1000000000000"})
+    with pytest.raises(ValueError, match="at most"):
+        Options(segment_bytes=(1 << 30) + 1)
+    assert Options(segment_bytes=1 << 30).segment_bytes == 1 << 30
+    with pytest.raises(LogFullError, match="free"):
+        Wal.open(tmp_path / "new", Options(segment_bytes=1 << 20, min_free_bytes=10**18))
+    assert not list((tmp_path / "new").glob("*.seg"))
+    with Wal.open(tmp_path / "new", small()) as wal:  # room again: opens as a new log
+        assert wal.append(b"first") == 0
+
+
+def test_low_water_mark_must_be_an_int(tmp_path: Path) -> None:
+    """review 4: 1.5 raised struct.error from deep inside."""
+    with Wal.open(tmp_path, small()) as wal:
+        wal.append(b"x")
+        for bad in (1.5, "1", True, None):
+            with pytest.raises(TypeError, match="lsn must be an int"):
+                wal.set_low_water_mark(bad)  # type: ignore[arg-type]
+        assert wal.low_water_mark() == 0
+        assert wal.set_low_water_mark(1) == 0
+
+
 def test_log_full_at_the_byte_cap_appends_nothing(tmp_path: Path) -> None:
     with Wal.open(tmp_path, small(max_bytes=2 * SEG)) as wal:
         acked = []

@@ -112,6 +112,119 @@ def test_verify_names_segment_and_offset_then_repair_salvages(tmp_path: Path) ->
         assert wal.append(b"more") == 120
 
 
+def test_repair_clears_zeros_after_the_last_record_of_a_sealed_segment(tmp_path: Path) -> None:
+    """A sealed segment is cut to its last record when sealed: zeros found after it are
+    damage verify reports; repair cuts them (no record lost), after which verify passes
+    (review 4: repair said "nothing to repair" and verify failed for good)."""
+    payloads = make_log(tmp_path, 120)
+    sealed = segments(tmp_path)[1]
+    end = sealed.stat().st_size
+    with sealed.open("ab") as f:
+        f.write(bytes(100))
+    result = cli("verify", str(tmp_path))
+    assert result.returncode == 1
+    assert f"segment {sealed.name} offset {end}:" in result.stderr
+
+    result = cli("repair", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to repair" not in result.stdout
+    assert "LOST" not in result.stdout
+    assert len(list(tmp_path.glob("repair-*/*.seg"))) == 1  # the original is kept
+    assert sealed.stat().st_size == end
+    assert cli("verify", str(tmp_path)).returncode == 0, cli("verify", str(tmp_path)).stderr
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert list(wal.iter_from(0)) == list(enumerate(payloads))
+
+
+def test_repair_refuses_a_segment_name_far_past_the_log(tmp_path: Path) -> None:
+    """A stray file named like a segment millions of LSNs past the end: repair would fill
+    the gap with a lost placeholder per LSN (review 4: 200 MB for 10M, out of memory for
+    100M). It refuses past MAX_PLACEHOLDERS, naming the file, as it does for HEAD."""
+    from walstore.repair import MAX_PLACEHOLDERS
+
+    payloads = make_log(tmp_path, 60)
+    stray = tmp_path / f"{MAX_PLACEHOLDERS + 1000:020d}.seg"
+    stray.write_bytes(b"")
+    result = cli("repair", str(tmp_path))
+    assert result.returncode == 2, result.stdout
+    assert stray.name in result.stderr and "move it out" in result.stderr
+    assert not list(tmp_path.glob("repair-*/*.seg"))  # nothing was rewritten
+    stray.unlink()
+    assert cli("verify", str(tmp_path)).returncode == 0
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert list(wal.iter_from(0)) == list(enumerate(payloads))
+
+
+def test_dump_from_past_the_high_water_mark_is_refused(tmp_path: Path) -> None:
+    """As Wal.reader refuses it (review 4: dump printed nothing and exited 0, as for a
+    log that ends there)."""
+    make_log(tmp_path, 5)
+    assert cli("dump", str(tmp_path), "--from", "5").returncode == 0  # the end: nothing yet
+    result = cli("dump", str(tmp_path), "--from", "6")
+    assert result.returncode == 2
+    assert "past the high water mark" in result.stderr
+
+
+def test_a_directory_named_like_a_segment(tmp_path: Path) -> None:
+    """review 4: open, status and dump failed with a bare IsADirectoryError, verify with
+    exit 2, and repair could not get past it."""
+    payloads = make_log(tmp_path, 60)
+    stray = tmp_path / f"{99999:020d}.seg"
+    stray.mkdir()
+    with pytest.raises(CorruptLogError, match="is a directory"):
+        Wal.open(tmp_path, OPTS)
+    result = cli("verify", str(tmp_path))
+    assert result.returncode == 1
+    assert f"segment {stray.name} offset 0: is a directory" in result.stderr
+    result = cli("status", str(tmp_path))
+    assert result.returncode == 2 and stray.name in result.stderr
+    result = cli("repair", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert stray.name in result.stdout and not stray.exists()
+    assert cli("verify", str(tmp_path)).returncode == 0
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert list(wal.iter_from(0)) == list(enumerate(payloads))
+
+
+def test_repair_sets_aside_a_stray_file_inside_a_segments_lsns(tmp_path: Path) -> None:
+    """A garbage file named like a segment whose LSNs a sealed segment holds, records
+    that verify: open and verify name it; repair moved nothing and failed with "runs past
+    the next segment" for good (review 4). It is not a segment of this log: repair moves
+    it to its backup directory."""
+    payloads = make_log(tmp_path, 120)
+    sealed = segments(tmp_path)[1]
+    inside = int(sealed.name.split(".")[0]) + 2
+    stray = tmp_path / f"{inside:020d}.seg"
+    stray.write_bytes(b"x" * 100)
+    with pytest.raises(CorruptLogError):
+        Wal.open(tmp_path, OPTS)
+    assert cli("verify", str(tmp_path)).returncode == 1
+    result = cli("repair", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert stray.name in result.stdout and "LOST" not in result.stdout
+    assert not stray.exists() and len(list(tmp_path.glob(f"repair-*/{stray.name}"))) == 1
+    assert cli("verify", str(tmp_path)).returncode == 0
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert list(wal.iter_from(0)) == list(enumerate(payloads))
+
+
+def test_a_lock_file_removed_under_a_live_log(tmp_path: Path) -> None:
+    """status and dump read the live figures from shm, which is intact: as usual; a new
+    open refuses (the damage table, review 4)."""
+    from walstore import LogAttachError
+
+    with Wal.open(tmp_path, OPTS) as wal:
+        for i in range(5):
+            wal.append(b"r%d" % i)
+        (tmp_path / "append.lock").unlink()
+        result = cli("status", str(tmp_path), "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["high_water_mark"] == 5
+        assert cli("dump", str(tmp_path)).stdout.count("\n") == 5
+        with pytest.raises(LogAttachError, match=r"append\.lock"):
+            Wal.open(tmp_path, OPTS)
+
+
 def test_repair_fills_a_missing_middle_segment(tmp_path: Path) -> None:
     payloads = make_log(tmp_path, 120)
     victim = segments(tmp_path)[1]

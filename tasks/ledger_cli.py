@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 from celery.bin.base import CeleryCommand
@@ -11,6 +12,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .app import settings_of
 from .ledger import Ledger
+from .targets import TARGETS
 
 
 @click.command(cls=CeleryCommand)
@@ -19,15 +21,20 @@ from .ledger import Ledger
 def ledger(ctx: click.Context, as_json: bool) -> None:
     """Show every purchase's effects and how often each task arrived."""
     url = settings_of(ctx.obj.app).ledger_url
-    try:
-        book = Ledger(url)
+    missing = _missing_sqlite_file(url)
+    snap: dict[str, dict[str, int]] = {target: {} for target in TARGETS}
+    if missing is not None:  # a reading command creates no database (a mistyped path)
+        click.echo(f"no ledger at {missing}: nothing recorded there yet", err=True)
+    else:
         try:
-            snap = book.snapshot()
-        finally:
-            book.close()
-    except (SQLAlchemyError, ValueError, ImportError, OSError) as exc:
-        why = f"cannot read the ledger at {_shown(url)}: {_why(exc)}"
-        raise click.ClickException(why) from None
+            book = Ledger(url)
+            try:
+                snap = book.snapshot()
+            finally:
+                book.close()
+        except (SQLAlchemyError, ValueError, ImportError, OSError) as exc:
+            why = f"cannot read the ledger at {_shown(url)}: {_why(exc)}"
+            raise click.ClickException(why) from None
     if as_json:
         click.echo(json.dumps(snap, sort_keys=True))
         return
@@ -38,6 +45,20 @@ def ledger(ctx: click.Context, as_json: bool) -> None:
     click.echo("purchase_id\t" + "\t".join(targets))
     for pid in sorted({p for rows in snap.values() for p in rows}):
         click.echo(pid + "\t" + "\t".join(str(snap[t].get(pid, 0)) for t in targets))
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The path of a SQLite ledger whose file does not exist, else None."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None  # reported by Ledger() as any bad URL
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:"):
+        return None
+    if path.startswith("file:"):  # a URI filename: SQLite reads it, not this check
+        return None
+    return None if os.path.exists(path) else os.path.abspath(path)
 
 
 def _shown(url: str) -> str:

@@ -76,3 +76,15 @@ def test_a_ledger_it_cannot_reach_is_one_line_without_the_password(
     assert done.returncode != 0 and "Traceback" not in out, out
     assert "s3cret" not in out and len(out.strip().splitlines()) <= 2, out
     assert out.startswith("Error: cannot read the ledger"), out
+
+
+def test_the_ledger_command_creates_no_database_where_there_is_none(tmp_path: Path) -> None:
+    """A reading command: a mistyped LEDGER_URL made it create an empty database there
+    (and its directories) and answer as if nothing was delivered (review 4). It answers
+    with nothing recorded, says where it found no ledger, and creates nothing."""
+    missing = tmp_path / "sub" / "dir" / "ledger.sqlite3"
+    done = run(["ledger", "--json"], {**base_env(tmp_path), "LEDGER_URL": f"sqlite:///{missing}"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '{"finance": {}, "warehouse": {}}'
+    assert "no ledger" in done.stderr and str(missing) in done.stderr, done.stderr
+    assert not (tmp_path / "sub").exists()

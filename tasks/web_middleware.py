@@ -7,12 +7,23 @@ exceptions reach Starlette's error handling unchanged."""
 from __future__ import annotations
 
 import json
+import logging
 
 import anyio
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from walrelay import web_metrics
+
+log = logging.getLogger(__name__)
+_warned: list[str] = []
+
+
+def _warn_once(exc: BaseException) -> None:
+    """Requests are not counted while metrics are misconfigured: said once, not per request."""
+    if not _warned:
+        _warned.append(str(exc))
+        log.error("requests are not counted: %s", exc)
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -158,7 +169,10 @@ class RequestMetrics:
             raise
         finally:
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
-            web_metrics().requests.labels(method, self._route(scope), status).inc()
+            try:
+                web_metrics().requests.labels(method, self._route(scope), status).inc()
+            except ValueError as exc:  # a metrics setting (its answer says it): not the request's
+                _warn_once(exc)
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")

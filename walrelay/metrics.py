@@ -18,6 +18,7 @@ Three kinds, read in three ways:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -91,6 +92,7 @@ def web_metrics() -> WebMetrics:
     global _web
     with _lock:
         if _web is None:
+            check_multiprocess_dir()
             _web = WebMetrics(
                 requests=Counter(
                     "http_requests",
@@ -117,6 +119,7 @@ def fsync_histogram() -> Histogram:
     global _fsync
     with _lock:
         if _fsync is None:
+            check_multiprocess_dir()
             _fsync = Histogram(
                 "wal_fsync_seconds",
                 "Time of each fdatasync of a WAL segment made by this process.",
@@ -125,6 +128,20 @@ def fsync_histogram() -> Histogram:
                 registry=None,
             )
         return _fsync
+
+
+def check_multiprocess_dir() -> None:
+    """ValueError naming ``PROMETHEUS_MULTIPROC_DIR`` if prometheus_client keeps values
+    there and it is not a writable directory: every metric is a file in it, and its
+    failure is a setting to fix, not a failure of whatever the metric times."""
+    if not multiprocess_mode():
+        return
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path and not (os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)):
+        raise ValueError(
+            f"PROMETHEUS_MULTIPROC_DIR={path!r} is not a writable directory (create it, "
+            "empty, before the server starts)"
+        )
 
 
 def multiprocess_mode() -> bool:

@@ -22,6 +22,7 @@ from celery.exceptions import QueueNotFound
 from celery.utils.time import maybe_make_aware
 from kombu import Exchange, Queue
 
+from .broker import COPY_HEADER
 from .errors import NotSerializableError, SendError, UnknownTaskError, UnsupportedOptionError
 from .record import TaskSpec
 
@@ -33,12 +34,13 @@ CARRIED = frozenset({"countdown", "eta", "expires", "priority", "headers"})
 _ONLY = {"serializer": ("json",), "delivery_mode": (2, "persistent")}
 # Task attributes Celery merges into every send that the worker applies by itself.
 _WORKER_APPLIES = frozenset({"time_limit", "soft_time_limit"})
-# Celery's own message headers (amqp.as_task_v2): a user header must not replace one
-# (``id`` is the task id the acks are matched by).
+# Celery's own message headers (amqp.as_task_v2), and the pump's (which publication a
+# message is, that its ack names): a user header must not replace one (``id`` is the
+# task id the acks are matched by).
 RESERVED_HEADERS = frozenset({
     "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
     "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin",
-    "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps",
+    "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps", COPY_HEADER,
 })  # fmt: skip
 # Built once: json.dumps with arguments builds an encoder per call (the same text).
 _STRICT = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
@@ -252,7 +254,7 @@ def _headers(headers: Any, where: str) -> dict[str, Any]:
     clash = sorted(RESERVED_HEADERS & set(headers))
     if clash:
         raise UnsupportedOptionError(
-            f"{where}: headers {clash} are Celery's own message headers; rename them"
+            f"{where}: headers {clash} are Celery's or walrelay's own message headers; rename them"
         )
     return dict(headers)
 

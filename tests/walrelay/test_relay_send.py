@@ -153,6 +153,9 @@ REFUSED: list[tuple[str, Any, type[RelayError], str]] = [
      "priority"),
     ("celery header", lambda: [reserve.s(ORDER).set(headers={"id": "x"})],
      UnsupportedOptionError, "id"),
+    # review 4: accepted, then silently replaced by the pump's own
+    ("walrelay header", lambda: [reserve.s(ORDER).set(headers={"walrelay_copy": "x"})],
+     UnsupportedOptionError, "walrelay_copy"),
     ("second task bad", lambda: [reserve.s(ORDER), audit.s(ORDER).set(link=reserve.s(1))],
      UnsupportedOptionError, "task 1"),
     ("unknown task", lambda: [shop.signature("shop.nope", args=(1,))], UnknownTaskError,

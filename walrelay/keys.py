@@ -47,6 +47,7 @@ import sqlite3
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -137,6 +138,7 @@ class KeyIndex:
         self._next_purge = 0.0
         lock_path = os.path.join(directory, LOCK_NAME)
         self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _indexes.add(self)  # from now on, a fork lets go of it (even mid-recovery)
         db_path = os.path.join(directory, DB_NAME)
         os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(
@@ -402,6 +404,7 @@ class KeyIndex:
         self.closed = True
         with self._db_lock:
             self._db.close()
+        _indexes.discard(self)  # first: a fork must not close a number soon reused
         if self._fd >= 0:
             os.close(self._fd)  # drops this process's locks on keys.lock: none are held now
             self._fd = -1
@@ -473,12 +476,15 @@ def _unlock(fd: int, start: int, length: int) -> None:
         fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
 
 
+_indexes: weakref.WeakSet[KeyIndex] = weakref.WeakSet()  # every one with its descriptor
+
+
 def _after_fork_in_child() -> None:
     """The parent's indexes are not the child's (they are found by pid): drop their lock
-    descriptors (see ``KeyIndex.forget_after_fork``)."""
+    descriptors (see ``KeyIndex.forget_after_fork``), those being built too."""
     global _registry_lock
     _registry_lock = threading.Lock()  # another thread of the parent may have held it
-    for index in _registry.values():
+    for index in list(_indexes):
         index.forget_after_fork()
     _registry.clear()
 

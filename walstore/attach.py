@@ -31,6 +31,7 @@ import os
 import random
 import struct
 import time
+import weakref
 from collections.abc import Callable
 
 from .errors import CorruptLogError, LogAttachError, LogBusyError
@@ -139,6 +140,14 @@ class AttachLock:
         fcntl.flock(self._lock, fcntl.LOCK_UN)
         fcntl.flock(self._dir, fcntl.LOCK_UN)
 
+    @property
+    def fd(self) -> int:
+        return self._lock
+
+    @property
+    def dir_fd(self) -> int:
+        return self._dir
+
     def close(self) -> None:
         os.close(self._lock)  # closing drops every lock of these open files
         os.close(self._dir)
@@ -156,6 +165,8 @@ class Attachment:
         check_shared_files(directory)
         self.lock = AttachLock(directory)
         self._files: list[WriteLock | SharedState] = []
+        self.forked_away = False
+        _attachments.add(self)
 
     # The shared files are opened by path once the attach locks are held (a recoverer
     # records what it opened; an attacher compares), and only then.
@@ -247,7 +258,34 @@ class Attachment:
                 return f"{name} was removed or replaced {advice}"
         return None
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: close this process's copies of the descriptors that hold
+        the parent's locks, and only close them. flock and OFD locks belong to the open
+        file, which the child shares: an unlock here would drop the parent's lock, and a
+        copy kept open would keep it after the parent died (a write lock taken for good,
+        a log that looks open to every other process) for as long as the child lives."""
+        self.forked_away = True
+        for fd in [self.lock.fd, self.lock.dir_fd, *(f.fd for f in self._files)]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def close(self) -> None:
+        if self.forked_away:
+            return  # closed at the fork; the descriptor numbers may be another file's now
+        # First: a fork from now on must not close these numbers, soon another file's.
+        _attachments.discard(self)
         self._close_files()
         with contextlib.suppress(OSError):
             self.lock.close()
+
+
+_attachments: weakref.WeakSet[Attachment] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for attachment in list(_attachments):
+        attachment.forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

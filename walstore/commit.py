@@ -130,19 +130,24 @@ class Writer(SegmentWriter):
             return self._lead(payloads)
         return self._follow(slot, payloads)
 
-    def flush(self, end: int, force: bool) -> int:
+    def flush(self, end: int, force: bool, settle: bool = False) -> int:
         """Make every LSN below ``end`` durable (``force``: with SyncPolicy.NONE, by an
         fdatasync of its own, whatever the high water mark); returns the high water
         mark. With SyncPolicy.ALWAYS every flush is durable, so a high water mark at or
         past ``end`` is enough (with another handle on the log appending under NONE,
-        that mark may be ahead of the disk: policies are not meant to be mixed)."""
+        that mark may be ahead of the disk: policies are not meant to be mixed).
+
+        ``settle``: also write every record waiting in a slot, so that an append whose
+        producer died waiting is in the log when this returns, or never will be (it is
+        not counted in ``end``: the next leader would write it, at any later time)."""
         shm, word = self._shm, self._shm.flush_word
         always = self._opts.sync is SyncPolicy.ALWAYS
         missed = 0.0  # when the write lock was first found taken
         while True:
             seen = word.value
             synced = shm.synced_lsn()
-            if synced >= end and (always or not force):
+            waiting = settle and shm.ready_slots() > 0
+            if synced >= end and (always or not force) and not waiting:
                 if force and shm.poisoned():
                     raise self.poisoned_error()
                 return synced

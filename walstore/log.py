@@ -12,6 +12,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -87,6 +88,8 @@ class Wal:
         self._opts = options
         self._fs: OsFs = options.fs if isinstance(options.fs, OsFs) else OsFs()
         self._closed = False
+        self._forked = False  # this process is a child forked while the handle was open
+        _handles.add(self)
         # Calls under way: close() lets go of the descriptors and the mapping they use only
         # once none is left (a descriptor closed under a leader could be reused by an
         # unrelated file before its pwrite).
@@ -183,8 +186,10 @@ class Wal:
 
     @_open_call
     def sync(self) -> int:
-        """fdatasync everything written so far, whatever the policy; returns the HWM."""
-        return self._w.flush(self._w.state_snapshot().next_lsn, force=True)
+        """fdatasync everything appended so far, whatever the policy; returns the HWM.
+        Appends waiting in the group commit are written too: one whose process died
+        while it waited is in the log once this returns, or never will be."""
+        return self._w.flush(self._w.state_snapshot().next_lsn, force=True, settle=True)
 
     @_open_call
     def reader(self, from_lsn: int | None = None) -> Reader:
@@ -273,6 +278,8 @@ class Wal:
 
     def close(self) -> None:
         """Flush what was written (even with SyncPolicy.NONE) and release everything."""
+        if self._forked:
+            return  # the parent's handle: let go of at the fork (see _forget_after_fork)
         with self._close_lock:
             if self._closed:
                 return
@@ -294,8 +301,21 @@ class Wal:
         self.close()
 
     def _check_open(self) -> None:
+        if self._forked:
+            raise LogClosedError(
+                f"the log in {self._dir} was opened by the parent of this process, before "
+                "it forked: open it again in this process"
+            )
         if self._closed:
             raise LogClosedError(f"the log in {self._dir} is closed; open it again")
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child (no lock taken: its holder may not exist here): the handle is
+        closed, and its segment descriptors too; walstore.attach closes the descriptors
+        that hold locks."""
+        self._forked = self._closed = True
+        if self._writer is not None:
+            self._writer.forget_fds_after_fork()
 
     def _enter(self) -> None:
         with self._calls_lock:
@@ -350,6 +370,7 @@ class Wal:
 
     # ----------------------------------------------------------------- teardown
     def _release_handles(self) -> None:
+        _handles.discard(self)  # closed: nothing of it for a fork to let go of
         if self._writer is not None:
             self._writer.close()
         self._att.close()
@@ -358,3 +379,15 @@ class Wal:
         """Tests only: drop every handle without flushing, as a killed process would."""
         self._closed = True
         self._release_handles()
+
+
+_handles: weakref.WeakSet[Wal] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for wal in list(_handles):
+        wal._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

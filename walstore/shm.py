@@ -199,6 +199,10 @@ class SharedState:
         self._mm.close()
         os.close(self._fd)
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def identity(self) -> tuple[int, int]:
         """(device, inode) of the file this process mapped."""
         return file_identity(self._fd)
@@ -450,6 +454,10 @@ class FileLock:
 
     def identity(self) -> tuple[int, int]:
         return file_identity(self._fd)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def close(self) -> None:
         os.close(self._fd)

@@ -241,3 +241,11 @@ class SegmentWriter:
             for fd in self._fds.values():
                 self._fs.close(fd)
             self._fds.clear()
+
+    def forget_fds_after_fork(self) -> None:
+        """In a forked child: close the inherited segment descriptors (without the lock,
+        which a thread of the parent may have held at the fork)."""
+        for fd in list(self._fds.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()

@@ -424,15 +424,25 @@ def _set_aside_strays(
     """Move into the backup directory every file named like a segment whose header is
     not one of this log's and whose LSNs the segment before it holds, records that
     verify: not a segment of this log but a stray (a copy, a download, garbage), which
-    would otherwise make that segment "run past the next one" for good. Returns the
-    segments left."""
+    would otherwise make that segment "run past the next one" for good; and such a file
+    before the first segment, below the low water mark (its LSNs were confirmed, so
+    they are not reported lost). Returns the segments left."""
+    try:
+        lwm = read_checkpoint(fs, directory)
+    except CorruptLogError:
+        lwm = 0  # unreadable: nothing is known to be confirmed
     kept: list[int] = []
-    for first in firsts:
+    for i, first in enumerate(firsts):
         try:
             read_header(fs, directory, first, wal_id)
         except CorruptLogError:
             before = kept[-1] if kept else None
-            if before is not None and _verified_end(fs, directory, before, wal_id) > first:
+            held = before is not None and _verified_end(fs, directory, before, wal_id) > first
+            # Before every segment of the log, and below the low water mark up to the
+            # next one: records that were confirmed (pruned), not lost, if it held any.
+            nxt = firsts[i + 1] if i + 1 < len(firsts) else None
+            confirmed = before is None and nxt is not None and nxt <= lwm
+            if held or confirmed:
                 _move_aside(fs, directory, segment_name(first), report)
                 continue
         kept.append(first)

@@ -208,6 +208,25 @@ def test_repair_sets_aside_a_stray_file_inside_a_segments_lsns(tmp_path: Path) -
         assert list(wal.iter_from(0)) == list(enumerate(payloads))
 
 
+def test_repair_sets_aside_a_stray_file_below_the_low_water_mark(tmp_path: Path) -> None:
+    """A garbage file named below the first segment, all of its LSNs confirmed (below
+    the low water mark, their segment pruned): repair reported them LOST (review 5).
+    Confirmed records are not lost: the file is moved aside, nothing reported lost."""
+    payloads = make_log(tmp_path, 120)
+    firsts = [int(p.name.split(".")[0]) for p in segments(tmp_path)]
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert wal.set_low_water_mark(firsts[1]) == 1  # the first segment is pruned
+    stray = tmp_path / f"{firsts[1] // 2:020d}.seg"
+    stray.write_bytes(os.urandom(200))
+    result = cli("repair", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert stray.name in result.stdout and "LOST" not in result.stdout, result.stdout
+    assert not stray.exists()
+    assert cli("verify", str(tmp_path)).returncode == 0
+    with Wal.open(tmp_path, OPTS) as wal:
+        assert list(wal.iter_from(firsts[1])) == list(enumerate(payloads))[firsts[1] :]
+
+
 def test_a_lock_file_removed_under_a_live_log(tmp_path: Path) -> None:
     """status and dump read the live figures from shm, which is intact: as usual; a new
     open refuses (the damage table, review 4)."""

@@ -88,6 +88,11 @@ def _snapshot_once(fs: OsFs, directory: str) -> Snapshot:
     live = _live_state(directory)
     if live is not None:
         firsts, lwm = early or (list_segments(fs, directory), read_checkpoint(fs, directory))
+        # As survey says of a closed log. Never a prune's doing: prunes stay below the
+        # mark, and the mark was read after the listing, so it can only be further on.
+        if firsts and firsts[0] > lwm:
+            why = f"segments before it are missing (low water mark {lwm})"
+            raise CorruptLogError(segment_name(firsts[0]), 0, why)
         next_lsn, hwm, total = live
         return Snapshot(
             wal_id=load_meta(fs, directory, create=False).hex(),

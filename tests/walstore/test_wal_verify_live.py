@@ -4,6 +4,7 @@ the log's newest segment started at LSN n (HEAD)", or failed on a bare ENOENT)."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -183,3 +184,21 @@ def test_segments_pruned_while_verify_reads_them_are_skipped(tmp_path: Path) -> 
         assert len(prunes) == 4
         assert report.ok, report.problems
         assert list_segments(wal._fs, wal.directory) == firsts[4:]
+
+
+def test_a_live_log_missing_its_front_segments_is_reported_by_status_and_dump(
+    tmp_path: Path,
+) -> None:
+    """The oldest segment deleted while the low water mark is still in it, the log open:
+    verify said so, while status and dump showed a shorter log as valid (review 5)."""
+    with _log(tmp_path) as wal:
+        first = list_segments(wal._fs, wal.directory)[0]
+        assert wal.low_water_mark() == 0
+        os.unlink(os.path.join(wal.directory, f"{first:020d}.seg"))
+        for command in (["status"], ["dump"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "walstore.cli", *command, str(tmp_path / "wal")],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert done.returncode == 2, (command, done.stdout[-200:])
+            assert "segments before it are missing" in done.stderr, done.stderr

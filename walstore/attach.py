@@ -265,7 +265,7 @@ class Attachment:
         copy kept open would keep it after the parent died (a write lock taken for good,
         a log that looks open to every other process) for as long as the child lives."""
         self.forked_away = True
-        for fd in [self.lock.fd, self.lock.dir_fd, *(f.fd for f in self._files)]:
+        for fd in [self.lock.fd, self.lock.dir_fd, *(fd for f in self._files for fd in f.fds())]:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -284,7 +284,8 @@ _attachments: weakref.WeakSet[Attachment] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for attachment in list(_attachments):
-        attachment.forget_after_fork()
+        with contextlib.suppress(Exception):  # one half-made must not spare the others
+            attachment.forget_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -6,6 +6,7 @@ and process share flushes (group commit, see ``walstore.commit``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -89,7 +90,7 @@ class Wal:
         self._fs: OsFs = options.fs if isinstance(options.fs, OsFs) else OsFs()
         self._closed = False
         self._forked = False  # this process is a child forked while the handle was open
-        _handles.add(self)
+        self._writer: Writer | None = None  # before the registry: a fork may come now
         # Calls under way: close() lets go of the descriptors and the mapping they use only
         # once none is left (a descriptor closed under a leader could be reused by an
         # unrelated file before its pwrite).
@@ -97,9 +98,9 @@ class Wal:
         self._calls_lock = threading.Lock()
         self._close_lock = threading.Lock()  # a second close waits for the first
         self._lwm_lock = threading.Lock()
+        _handles.add(self)
         prepare_log_dir(self._dir)
         self._att = Attachment(self._dir)
-        self._writer: Writer | None = None
         try:
             self._att.attach(self._recover)
             self._shm = self._att.shm
@@ -386,7 +387,8 @@ _handles: weakref.WeakSet[Wal] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for wal in list(_handles):
-        wal._forget_after_fork()
+        with contextlib.suppress(Exception):  # one half-made must not spare the others
+            wal._forget_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -175,6 +175,11 @@ class SharedState:
             if os.fstat(self._fd).st_size < SHM_SIZE:
                 os.ftruncate(self._fd, SHM_SIZE)
             self._mm = mmap.mmap(self._fd, SHM_SIZE)
+            # The OFD locks (slot claims, the low water mark) go on an open file of their
+            # own: CPython's mmap keeps a duplicate of the mapping's descriptor, which a
+            # forked child cannot close, and a lock on that open file would outlive a
+            # parent killed holding it for as long as the child lives.
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except BaseException:
             os.close(self._fd)
             raise
@@ -197,11 +202,12 @@ class SharedState:
         del self._synced, self._poisoned, self._hint, self._states  # they pin the mapping
         self._view.release()
         self._mm.close()
+        os.close(self._lock_fd)
         os.close(self._fd)
 
-    @property
-    def fd(self) -> int:
-        return self._fd
+    def fds(self) -> tuple[int, ...]:
+        """Its descriptors (to close in a forked child, see walstore.attach)."""
+        return self._fd, self._lock_fd
 
     def identity(self) -> tuple[int, int]:
         """(device, inode) of the file this process mapped."""
@@ -349,7 +355,7 @@ class SharedState:
         """Own ``slot`` (for this open file) while it stays open; False if taken."""
         lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _SLOT_LOCK_BASE + slot, 1, 0)
         try:
-            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, lock)
+            fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLK, lock)
         except (BlockingIOError, PermissionError):
             return False
         return True
@@ -358,11 +364,11 @@ class SharedState:
         """Wait for, then take, the right to move the low water mark (one process at a
         time; released by ``unlock_low_water_mark`` or the process's death)."""
         lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _LWM_LOCK_BYTE, 1, 0)
-        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, lock)
+        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLKW, lock)
 
     def unlock_low_water_mark(self) -> None:
         lock = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, _LWM_LOCK_BYTE, 1, 0)
-        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, lock)
+        fcntl.fcntl(self._lock_fd, fcntl.F_OFD_SETLK, lock)
 
     def reset_slot(self, slot: int) -> None:
         """Make a newly claimed slot free (write lock held: a leader may be reading a
@@ -455,9 +461,9 @@ class FileLock:
     def identity(self) -> tuple[int, int]:
         return file_identity(self._fd)
 
-    @property
-    def fd(self) -> int:
-        return self._fd
+    def fds(self) -> tuple[int, ...]:
+        """Its descriptor (to close in a forked child, see walstore.attach)."""
+        return (self._fd,)
 
     def close(self) -> None:
         os.close(self._fd)

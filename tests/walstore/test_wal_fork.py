@@ -37,29 +37,37 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.timeout(60)
-def test_a_child_does_not_keep_a_dead_parents_locks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("held", ["write lock", "low water mark lock"])
+def test_a_child_does_not_keep_a_dead_parents_locks(tmp_path: Path, held: str) -> None:
+    """The write lock (flock on append.lock), and the low water mark's lock, an OFD lock
+    on shm, whose descriptor CPython's mmap duplicates (review 6: the child's copy of the
+    mapping kept it, and every other process's set_low_water_mark hung)."""
     wal_dir = tmp_path / "wal"
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(wal_dir)], cwd=ROOT,
+    take = "wal._shm.lock_low_water_mark()" if held.startswith("low") else "wal._att.wlock.acquire()"
+    script = _PARENT.replace("wal._att.wlock.acquire()", take)
+    parent = subprocess.Popen([sys.executable, "-c", script, str(wal_dir)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert parent.stdout is not None
     child = int(parent.stdout.readline())  # (the child keeps the pipe open: no EOF)
     parent.stdout.close()
     assert parent.wait(30) == -signal.SIGKILL
     try:
-        done: list[int] = []
+        done: list[object] = []
 
         def append() -> None:
             with Wal.open(wal_dir, OPTS) as wal:
                 done.append(wal.append(b"after"))
+                wal.set_low_water_mark(1)
+                done.append("confirmed")
 
         worker = threading.Thread(target=append, daemon=True)
         worker.start()
         worker.join(10)
-        assert done == [1], "the append hung behind the dead parent's write lock"
+        assert done == [1, "confirmed"], f"hung behind the dead parent's {held}"
     finally:
         os.kill(child, signal.SIGKILL)
     with Wal.open(wal_dir, OPTS) as wal:
-        assert [p for _, p in wal.iter_from(0)] == [b"before", b"after"]
+        assert [p for _, p in wal.iter_from(1)] == [b"after"]
 
 
 @pytest.mark.timeout(30)

@@ -31,10 +31,10 @@ import os
 import random
 import struct
 import time
-import weakref
 from collections.abc import Callable
 
 from .errors import CorruptLogError, LogAttachError, LogBusyError
+from .forks import ForgetInChild
 from .fs import open_private
 from .shm import SharedState, WriteLock, WriteState, repairing_pid
 
@@ -260,10 +260,9 @@ class Attachment:
 
     def forget_after_fork(self) -> None:
         """In a forked child: close this process's copies of the descriptors that hold
-        the parent's locks, and only close them. flock and OFD locks belong to the open
-        file, which the child shares: an unlock here would drop the parent's lock, and a
-        copy kept open would keep it after the parent died (a write lock taken for good,
-        a log that looks open to every other process) for as long as the child lives."""
+        the parent's locks, and only close them (see walstore.forks): kept open, they
+        would keep the write lock taken, and the log looking open to every other
+        process, after the parent died."""
         self.forked_away = True
         for fd in [self.lock.fd, self.lock.dir_fd, *(fd for f in self._files for fd in f.fds())]:
             with contextlib.suppress(OSError):
@@ -279,14 +278,4 @@ class Attachment:
             self.lock.close()
 
 
-_attachments: weakref.WeakSet[Attachment] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for attachment in list(_attachments):
-        with contextlib.suppress(Exception):  # one half-made must not spare the others
-            attachment.forget_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_attachments = ForgetInChild(Attachment.forget_after_fork)

@@ -6,14 +6,12 @@ and process share flushes (group commit, see ``walstore.commit``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -27,6 +25,7 @@ from .errors import (
     RecordTooLargeError,
     WalError,
 )
+from .forks import ForgetInChild
 from .fs import OsFs, prepare_log_dir
 from .options import Options, SyncPolicy
 from .reader import Reader
@@ -382,14 +381,4 @@ class Wal:
         self._release_handles()
 
 
-_handles: weakref.WeakSet[Wal] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for wal in list(_handles):
-        with contextlib.suppress(Exception):  # one half-made must not spare the others
-            wal._forget_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_handles = ForgetInChild(Wal._forget_after_fork)

@@ -43,7 +43,8 @@ def test_a_child_does_not_keep_a_dead_parents_locks(tmp_path: Path, held: str) -
     on shm, whose descriptor CPython's mmap duplicates (review 6: the child's copy of the
     mapping kept it, and every other process's set_low_water_mark hung)."""
     wal_dir = tmp_path / "wal"
-    take = "wal._shm.lock_low_water_mark()" if held.startswith("low") else "wal._att.wlock.acquire()"
+    take = {"write lock": "wal._att.wlock.acquire()",
+            "low water mark lock": "wal._shm.lock_low_water_mark()"}[held]  # fmt: skip
     script = _PARENT.replace("wal._att.wlock.acquire()", take)
     parent = subprocess.Popen([sys.executable, "-c", script, str(wal_dir)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip

@@ -31,13 +31,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from typing import Any
 
 from . import wal as walbench
+from .wal import summary
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ceiling", "group_commit.c")
 CASES = ("raw-1", "c-raw-1", "walstore-1", "c-group-1", "raw-16", "c-raw-16", "walstore-16",
@@ -85,10 +85,6 @@ def c_case(binary: str, name: str, root: str, seconds: float) -> dict[str, float
         shutil.rmtree(where, ignore_errors=True)
     result: dict[str, float] = json.loads(done.stdout)
     return result
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -66,14 +66,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
+def sqlite_file(url: str) -> str | None:
+    """The absolute path of the file a SQLite ledger URL names, else None (another
+    database, in memory, or a ``file:`` URI filename, which SQLite reads itself)."""
+    parsed = make_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:"):
+        return None
+    return None if path.startswith("file:") else os.path.abspath(path)
+
+
 class Ledger:
     """A handle on one ledger database. Use ``Ledger.for_url`` in forked processes."""
 
     def __init__(self, url: str) -> None:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
-        if self.dialect == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        path = sqlite_file(url)
+        if path is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         self.engine: Engine = create_engine(url)
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)

@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .app import settings_of
-from .ledger import Ledger
+from .ledger import Ledger, sqlite_file
 from .targets import TARGETS
 
 
@@ -50,15 +50,10 @@ def ledger(ctx: click.Context, as_json: bool) -> None:
 def _missing_sqlite_file(url: str) -> str | None:
     """The path of a SQLite ledger whose file does not exist, else None."""
     try:
-        parsed = make_url(url)
+        path = sqlite_file(url)
     except (ArgumentError, ValueError):
         return None  # reported by Ledger() as any bad URL
-    path = parsed.database
-    if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:"):
-        return None
-    if path.startswith("file:"):  # a URI filename: SQLite reads it, not this check
-        return None
-    return None if os.path.exists(path) else os.path.abspath(path)
+    return None if path is None or os.path.exists(path) else path
 
 
 def _shown(url: str) -> str:

@@ -47,12 +47,12 @@ import sqlite3
 import struct
 import threading
 import time
-import weakref
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
 from walstore import LogFullError, RecordTooLargeError, Wal, WalError
+from walstore.forks import ForgetInChild
 
 from .errors import BadRecordError, DuplicateKeyError, NotSerializableError
 from .receipt import Receipt
@@ -476,16 +476,14 @@ def _unlock(fd: int, start: int, length: int) -> None:
         fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
 
 
-_indexes: weakref.WeakSet[KeyIndex] = weakref.WeakSet()  # every one with its descriptor
+# Every index with its descriptor, those being built too: a forked child lets go of them.
+_indexes = ForgetInChild(KeyIndex.forget_after_fork)
 
 
 def _after_fork_in_child() -> None:
-    """The parent's indexes are not the child's (they are found by pid): drop their lock
-    descriptors (see ``KeyIndex.forget_after_fork``), those being built too."""
+    """The parent's indexes are not the child's (they are found by pid)."""
     global _registry_lock
     _registry_lock = threading.Lock()  # another thread of the parent may have held it
-    for index in list(_indexes):
-        index.forget_after_fork()
     _registry.clear()
 
 
@@ -495,8 +493,9 @@ if hasattr(os, "register_at_fork"):
 
 def index_for(wal: Wal) -> KeyIndex:
     """This process's index of ``wal``'s directory: one per process and directory, since
-    fcntl locks belong to the process (a second handle would not exclude the first, and
-    closing it would drop the first's locks). Never shared across a fork."""
+    its thread locks are what order the process's own threads (a second index would take
+    the byte-range locks on another open file, where a thread holding a stripe in one
+    would wait for itself in the other). Never shared across a fork."""
     directory = os.path.realpath(wal.directory)
     key = (os.getpid(), directory)
     with _registry_lock:

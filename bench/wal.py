@@ -21,6 +21,12 @@ Rows (256-byte records; every append durable before the next one starts):
 - purchase-16: sixteen processes calling the example's producer API, ``record_purchase``
   (``relay.send`` of the warehouse and finance tasks with the purchase id as idempotency
   key), on one WAL: what a web app gets, against walstore-16's raw ``Wal.append``.
+- keyed-16, unkeyed-16 (no goal): where purchase-16's time goes. ``relay.send`` of the
+  same two tasks without the example's validation, keyed by purchase id as
+  ``record_purchase`` sends them (keyed-16), and without a key, so with no idempotency
+  index (unkeyed-16). purchase-16 / keyed-16 is the validation's share, keyed-16 /
+  unkeyed-16 the index's, unkeyed-16 / walstore-16 that of Celery's signatures, routing
+  and the record's JSON.
 - cpu/append: every producer's user+sys time over the appends (walstore-16 is the goal).
 - CPU budget: for each goal at sixteen producers, the CPU per append that would let it
   be met with every core of this machine busy all the time (cores / (goal x baseline
@@ -65,6 +71,7 @@ GOALS = (  # (name, ratio of, to, minimum) - or a maximum for cpu and open
     ("purchase-16 / walstore-16", "purchase-16", "walstore-16", 0.8),
 )
 CPU_GOAL_US = 60.0
+READY_TIMEOUT_S = 120.0
 OPEN_GOAL_S = 0.5
 ITER_GOAL = 0.7
 
@@ -79,15 +86,42 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-def _wait(start: float) -> None:
-    while time.time() < start:
-        time.sleep(0.0005)
+class Gate:
+    """The start barrier: every producer readies itself (opens its log, imports, warms
+    up) off the clock, then all start at one instant and stop at another, set by the
+    parent once the last one is ready (a guessed head start let slow starters eat into
+    the measured window: sixteen children importing the example app took longer than it)."""
+
+    def __init__(self, ctx: Any, parties: int) -> None:
+        self._parties = parties
+        self._ready = ctx.Semaphore(0)
+        self._go = ctx.Event()
+        self._window = ctx.Array("d", 2)
+
+    def wait(self) -> tuple[float, float]:
+        """In a producer: say ready, then wait for the window; returns (start, stop)."""
+        self._ready.release()
+        if not self._go.wait(READY_TIMEOUT_S):
+            raise TimeoutError("the benchmark never started")
+        start, stop = self._window[:]
+        while time.time() < start:
+            time.sleep(0.0005)
+        return start, stop
+
+    def open(self, seconds: float) -> None:
+        """In the parent: once every producer is ready, set the window and let them go."""
+        for _ in range(self._parties):
+            if not self._ready.acquire(timeout=READY_TIMEOUT_S):
+                raise TimeoutError("a producer never got ready")
+        start = time.time() + 0.05
+        self._window[:] = [start, start + seconds]
+        self._go.set()
 
 
-def _raw_writer(path: str, proc: int, start: float, stop: float, out: Any) -> None:
+def _raw_writer(path: str, proc: int, gate: Gate, out: Any) -> None:
     fd = os.open(path, os.O_RDWR)
     n, off = 0, 0
-    _wait(start)
+    _start, stop = gate.wait()
     cpu = _cpu()
     while time.time() < stop:
         os.pwrite(fd, _payload(proc, n), off)
@@ -98,11 +132,11 @@ def _raw_writer(path: str, proc: int, start: float, stop: float, out: Any) -> No
     os.close(fd)
 
 
-def _floor_writer(path: str, proc: int, start: float, stop: float, out: Any) -> None:
+def _floor_writer(path: str, proc: int, gate: Gate, out: Any) -> None:
     fd = os.open(path, os.O_RDWR)
     lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     n, off = 0, 0
-    _wait(start)
+    _start, stop = gate.wait()
     cpu = _cpu()
     while time.time() < stop:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -117,10 +151,10 @@ def _floor_writer(path: str, proc: int, start: float, stop: float, out: Any) -> 
     os.close(fd)
 
 
-def _wal_producer(directory: str, proc: int, start: float, stop: float, out: Any) -> None:
+def _wal_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
     wal = Wal.open(directory)
     n = 0
-    _wait(start)
+    _start, stop = gate.wait()
     cpu = _cpu()
     while time.time() < stop:
         wal.append(_payload(proc, n))
@@ -134,12 +168,12 @@ def _purchase(proc: int, n: int) -> dict[str, Any]:
             "items": [{"sku": "sku-1", "qty": 1}], "total_cents": n + 2}  # fmt: skip
 
 
-def _purchase_producer(directory: str, proc: int, start: float, stop: float, out: Any) -> None:
-    from tasks.checkout import record_purchase  # the app was made by the parent
+def _purchase_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
+    from tasks.checkout import record_purchase  # imported by the parent
 
     record_purchase(_purchase(proc, -1))  # opens the log and the key index off the clock
     n = 0
-    _wait(start)
+    _start, stop = gate.wait()
     cpu = _cpu()
     while time.time() < stop:
         record_purchase(_purchase(proc, n))
@@ -147,11 +181,43 @@ def _purchase_producer(directory: str, proc: int, start: float, stop: float, out
     out.put((n, _cpu() - cpu))
 
 
-def _sqlite_producer(path: str, proc: int, start: float, stop: float, out: Any) -> None:
+def _send_producer(directory: str, proc: int, gate: Gate, out: Any, keyed: bool) -> None:
+    """``relay.send`` of the purchase's two tasks, as ``record_purchase`` sends them but
+    without its validation; keyed by purchase id or not at all."""
+    from tasks.app import get_app
+    from tasks.finance import record_revenue
+    from tasks.warehouse import reserve_stock
+
+    relay = get_app().relay
+
+    def send(n: int) -> None:
+        clean = _purchase(proc, n)
+        key = clean["purchase_id"] if keyed else None
+        relay.send(reserve_stock.s(clean), record_revenue.s(clean), key=key)
+
+    send(-1)  # opens the log (and the key index) off the clock
+    n = 0
+    _start, stop = gate.wait()
+    cpu = _cpu()
+    while time.time() < stop:
+        send(n)
+        n += 1
+    out.put((n, _cpu() - cpu))
+
+
+def _keyed_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
+    _send_producer(directory, proc, gate, out, keyed=True)
+
+
+def _unkeyed_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
+    _send_producer(directory, proc, gate, out, keyed=False)
+
+
+def _sqlite_producer(path: str, proc: int, gate: Gate, out: Any) -> None:
     db = sqlite3.connect(path, timeout=60, isolation_level=None)
     db.execute("PRAGMA synchronous=FULL")
     n = 0
-    _wait(start)
+    _start, stop = gate.wait()
     cpu = _cpu()
     while time.time() < stop:
         db.execute("INSERT INTO log (body) VALUES (?)", (_payload(proc, n),))
@@ -164,13 +230,13 @@ def _producers(target: Callable[..., None], wheres: list[str], seconds: float) -
     """Run one process per ``wheres`` entry for ``seconds``: appends/s and CPU/append."""
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    start = time.time() + 0.5 + 0.03 * len(wheres)  # every process ready first
+    gate = Gate(ctx, len(wheres))
     procs = [
-        ctx.Process(target=target, args=(where, i, start, start + seconds, out))
-        for i, where in enumerate(wheres)
+        ctx.Process(target=target, args=(where, i, gate, out)) for i, where in enumerate(wheres)
     ]
     for p in procs:
         p.start()
+    gate.open(seconds)
     results = [out.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join(60)
@@ -193,19 +259,29 @@ def _case(name: str, root: str, seconds: float) -> dict[str, float]:
                 os.fsync(fd)
                 os.close(fd)
             return _producers(_raw_writer if kind == "raw" else _floor_writer, paths, seconds)
-        if kind in ("walstore", "purchase"):
+        if kind == "walstore":
             wal_dir = os.path.join(where, "wal")
             Wal.open(wal_dir).close()  # the first (preallocated) segment exists up front
-            if kind == "walstore":
-                return _producers(_wal_producer, [wal_dir] * n, seconds)
-            # The example app reads WAL_DIR when it first sends (in each child); Celery and
-            # the app are imported once here, not by sixteen children at the barrier.
+            return _producers(_wal_producer, [wal_dir] * n, seconds)
+        if kind in ("purchase", "keyed", "unkeyed"):
+            # The example app reads WAL_DIR once, when it is made (here, before the first
+            # of these cases): every case of the producer API logs to this directory,
+            # removed after each. Celery and the app are imported here too, not by
+            # sixteen children at the barrier.
+            wal_dir = os.path.join(root, "api-wal")
             os.environ["WAL_DIR"] = wal_dir
+            import tasks.checkout  # noqa: F401
             from tasks.app import get_app
 
-            get_app()  # its relay opens the log and the key index in each child, by pid
-
-            return _producers(_purchase_producer, [wal_dir] * n, seconds)
+            if os.path.realpath(get_app().relay.wal_dir) != os.path.realpath(wal_dir):
+                raise RuntimeError("the example app was made for another WAL_DIR")
+            Wal.open(wal_dir).close()
+            producer = {"purchase": _purchase_producer, "keyed": _keyed_producer,
+                        "unkeyed": _unkeyed_producer}[kind]  # fmt: skip
+            try:
+                return _producers(producer, [wal_dir] * n, seconds)
+            finally:
+                shutil.rmtree(wal_dir, ignore_errors=True)
         db_path = os.path.join(where, "log.db")
         db = sqlite3.connect(db_path)
         db.execute("PRAGMA journal_mode=WAL")
@@ -217,7 +293,7 @@ def _case(name: str, root: str, seconds: float) -> dict[str, float]:
 
 
 CASES = ("raw-1", "floor-1", "walstore-1", "sqlite-1", "raw-16", "walstore-16", "sqlite-16",
-         "purchase-16")  # fmt: skip
+         "purchase-16", "keyed-16", "unkeyed-16")  # fmt: skip
 
 
 # ----------------------------------------------------------------- reading
@@ -388,6 +464,9 @@ def _report(
         "floor": {
             "floor-1 / raw-1": summary(_ratios(rates, "floor-1", "raw-1")),
             "walstore-1 / floor-1": summary(_ratios(rates, "walstore-1", "floor-1")),
+            "purchase-16 / keyed-16": summary(_ratios(rates, "purchase-16", "keyed-16")),
+            "keyed-16 / unkeyed-16": summary(_ratios(rates, "keyed-16", "unkeyed-16")),
+            "unkeyed-16 / walstore-16": summary(_ratios(rates, "unkeyed-16", "walstore-16")),
         },
         "read": {"records_per_s": summary(big["read"]), "bare_per_s": summary(big["bare"])},
         "memory_kib": {"tenth": small["rss_growth_kib"], "full": big["rss_growth_kib"]},

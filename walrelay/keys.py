@@ -161,31 +161,52 @@ class KeyIndex:
         key = entry.key
         assert key is not None
         stripe = zlib.crc32(key.encode()) % STRIPES
-        with self._stripe(stripe):
-            self._resolve(stripe, wal, window)
-            found = self._lookup(key, now - window)
-            if found is not None and not _in_log(wal, key, found[1].lsn):
-                found = None  # its record is gone from the log (a lost tail): send again
-            if found is not None:
-                first_digest, receipt = found
-                if first_digest != wanted:
-                    raise DuplicateKeyError(
-                        f"key {key!r} was sent at LSN {receipt.lsn} with other tasks within "
-                        f"the idempotency window ({window:g} s); use a new key for new work"
-                    )
-                return receipt
-            self._mark(stripe, key, wal.next_lsn())
+        with self._threads[stripe]:
+            _lock(self._fd, stripe * _SLOT.size, 1)
             try:
-                lsn = wal.append(payload)
-            except _NOTHING_APPENDED:
-                self._clear(stripe)
-                raise
-            receipt = receipt_of(wal.wal_id, lsn, entry)
-            self._insert(key, wanted, receipt, now)
-            self._clear(stripe)
+                receipt = self._send_holding(stripe, wal, entry, payload, wanted, window, now)
+            finally:
+                _unlock(self._fd, stripe * _SLOT.size, 1)
         if now >= self._next_purge:
             self._purge(now - window)
             self._next_purge = now + PURGE_INTERVAL
+        return receipt
+
+    def _send_holding(
+        self,
+        stripe: int,
+        wal: Wal,
+        entry: Entry,
+        payload: bytes,
+        wanted: str,
+        window: float,
+        now: float,
+    ) -> Receipt:
+        """``send_once`` with the key's stripe held."""
+        key = entry.key
+        assert key is not None
+        self._resolve(stripe, wal, window)
+        found = self._lookup(key, now - window)
+        if found is not None and not _in_log(wal, key, found[1].lsn):
+            found = None  # its record is gone from the log (a lost tail): send again
+        if found is not None:
+            first_digest, receipt = found
+            if first_digest != wanted:
+                raise DuplicateKeyError(
+                    f"key {key!r} was sent at LSN {receipt.lsn} with other tasks within "
+                    f"the idempotency window ({window:g} s); use a new key for new work"
+                )
+            return receipt
+        # At or below the LSN the record gets (a cheaper read than next_lsn).
+        self._mark(stripe, key, wal.high_water_mark())
+        try:
+            lsn = wal.append(payload)
+        except _NOTHING_APPENDED:
+            self._clear(stripe)
+            raise
+        receipt = receipt_of(wal.wal_id, lsn, entry)
+        self._insert(key, wanted, receipt, now)
+        self._clear(stripe)
         return receipt
 
     def _lookup(self, key: str, oldest: float) -> tuple[str, Receipt] | None:

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from walrelay import (
     DuplicateKeyError,
+    KeyIndexError,
     LogFullError,
     LogPoisonedError,
     RecordTooLargeError,
@@ -62,6 +63,9 @@ def _problem(
 def _wal_unavailable(exc: BaseException) -> JSONResponse:
     if isinstance(exc, LogFullError):
         return _problem(503, str(exc), retry=RETRY_FULL_S)
+    if isinstance(exc, KeyIndexError):  # the message says what to do
+        log.error("the idempotency index cannot be used: %s", exc)
+        return _problem(503, str(exc), retry=RETRY_FAILED_S)
     log.error("the write-ahead log cannot take appends: %s", exc)
     return _problem(503, f"the write-ahead log is unavailable: {exc}", retry=RETRY_FAILED_S)
 
@@ -154,7 +158,7 @@ def _add_purchase_routes(
             return _problem(422, f"body: {exc}", "body")
         except RecordTooLargeError as exc:
             return _problem(413, str(exc), "body")
-        except (WalError, OSError) as exc:
+        except (WalError, OSError, KeyIndexError) as exc:
             return _wal_unavailable(exc)
         except ValueError as exc:  # what is left: a bad setting, read on the first request
             return _misconfigured(exc)

@@ -37,6 +37,12 @@ class DuplicateKeyError(RelayError):
     within the idempotency window. Nothing was appended. Use a new key for new work."""
 
 
+class KeyIndexError(RelayError):
+    """The idempotency index (``keys.sqlite3`` in WAL_DIR) cannot be used: damaged, or
+    unreadable. Keyed sends fail with it (sends without a key do not use the index); the
+    message says whether the send may have been appended and how to repair the index."""
+
+
 class BadRecordError(RelayError, ValueError):
     """A log record's bytes are not a record this release can replay; the pump
     dead-letters such records with this error's message as the reason."""

@@ -54,7 +54,7 @@ from typing import Any
 from walstore import LogFullError, RecordTooLargeError, Wal, WalError
 from walstore.forks import ForgetInChild
 
-from .errors import BadRecordError, DuplicateKeyError, NotSerializableError
+from .errors import BadRecordError, DuplicateKeyError, KeyIndexError, NotSerializableError
 from .receipt import Receipt
 from .record import Entry, decode, task_id
 from .signatures import arguments_json
@@ -133,17 +133,31 @@ class KeyIndex:
     def __init__(self, directory: str, wal: Wal) -> None:
         self.directory = directory
         self.closed = False
-        self._threads = [threading.Lock() for _ in range(STRIPES)]
+        # Reentrant: a re-open (``_reopen``) holds all of them while recovery takes each.
+        self._threads = [threading.RLock() for _ in range(STRIPES)]
         self._db_lock = threading.Lock()
         self._next_purge = 0.0
-        lock_path = os.path.join(directory, LOCK_NAME)
-        self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_path = os.path.join(directory, LOCK_NAME)
+        self._db_path = os.path.join(directory, DB_NAME)
+        self._fd = -1
+        self._files: tuple[tuple[int, int], tuple[int, int]] | None = None
         _indexes.add(self)  # from now on, a fork lets go of it (even mid-recovery)
-        db_path = os.path.join(directory, DB_NAME)
-        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        try:
+            with self._index_errors():
+                self._open(wal)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, wal: Wal) -> None:
+        self._fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(os.open(self._db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(
-            db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            self._db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
+        # Which files these are: one removed or replaced under a live sender is noticed
+        # at its next keyed send (``_moved``), not written past.
+        self._files = (_identity(os.fstat(self._fd)), _identity(os.stat(self._db_path)))
         with self._db_lock, self._writer():
             self._db.execute("PRAGMA journal_mode=WAL")  # not within a transaction
         with self._writing():
@@ -151,6 +165,55 @@ class KeyIndex:
                 self._db.execute(statement)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._recover(wal)
+
+    def _moved(self) -> bool:
+        """Whether ``keys.lock`` or ``keys.sqlite3`` is no longer the file this handle has
+        open (removed or replaced): a sender writing on would not be seen by the processes
+        that use the new one, nor take turns with them."""
+        try:
+            now = (_identity(os.stat(self._lock_path)), _identity(os.stat(self._db_path)))
+        except FileNotFoundError:
+            return True
+        return now != self._files
+
+    def _reopen(self, wal: Wal) -> None:
+        """Open the files now at the index's paths (recovering, as any first open does),
+        with every stripe of this process held, so that no thread is mid-send."""
+        for lock in self._threads:
+            lock.acquire()
+        try:
+            if self.closed or not self._moved():
+                return
+            with self._db_lock:
+                self._db.close()
+                fd, self._fd = self._fd, -1
+                os.close(fd)
+            self._open(wal)
+        finally:
+            for lock in reversed(self._threads):
+                lock.release()
+
+    @contextlib.contextmanager
+    def _index_errors(self) -> Iterator[None]:
+        """SQLite's errors as walrelay's (``KeyIndexError``), saying how to repair."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            name = getattr(exc, "sqlite_errorname", "")
+            if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                fix = (
+                    f"it is damaged. Stop every process that sends to {self.directory}, remove "
+                    f"{DB_NAME} (and {DB_NAME}-wal, {DB_NAME}-shm): the next keyed send rebuilds "
+                    "it from the log (keys whose records the pump already pruned can then be "
+                    "sent again)"
+                )
+            else:
+                fix = "send again with the same key once it can be used"
+            raise KeyIndexError(
+                f"the idempotency index {self._db_path} cannot be used ({exc}): {fix}. A send "
+                "that failed so may or may not have been appended; sending it again with the "
+                "same key once the index works appends it at most once"
+            ) from exc
 
     # ---------------------------------------------------------------- the send path
     def send_once(
@@ -161,15 +224,18 @@ class KeyIndex:
         key = entry.key
         assert key is not None
         stripe = zlib.crc32(key.encode()) % STRIPES
-        with self._threads[stripe]:
-            _lock(self._fd, stripe * _SLOT.size, 1)
-            try:
-                receipt = self._send_holding(stripe, wal, entry, payload, wanted, window, now)
-            finally:
-                _unlock(self._fd, stripe * _SLOT.size, 1)
-        if now >= self._next_purge:
-            self._purge(now - window)
-            self._next_purge = now + PURGE_INTERVAL
+        with self._index_errors():
+            if self._moved():
+                self._reopen(wal)
+            with self._threads[stripe]:
+                _lock(self._fd, stripe * _SLOT.size, 1)
+                try:
+                    receipt = self._send_holding(stripe, wal, entry, payload, wanted, window, now)
+                finally:
+                    _unlock(self._fd, stripe * _SLOT.size, 1)
+            if now >= self._next_purge:
+                self._purge(now - window)
+                self._next_purge = now + PURGE_INTERVAL
         return receipt
 
     def _send_holding(
@@ -423,8 +489,10 @@ class KeyIndex:
 
     def close(self) -> None:
         self.closed = True
-        with self._db_lock:
-            self._db.close()
+        db = getattr(self, "_db", None)  # None: the open failed before it
+        if db is not None:
+            with self._db_lock:
+                db.close()
         _indexes.discard(self)  # first: a fork must not close a number soon reused
         if self._fd >= 0:
             os.close(self._fd)  # drops this process's locks on keys.lock: none are held now
@@ -469,6 +537,10 @@ def _in_log(wal: Wal, key: str, lsn: int) -> bool:
         return decode(records[0][1]).key == key
     except (BadRecordError, NotSerializableError):
         return False
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _hash(key: str) -> bytes:

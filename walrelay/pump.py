@@ -33,7 +33,7 @@ from . import publishing
 from .admission import EXPIRED, HOLD, REFUSED, Decision, Policy, decide
 from .broker import Publisher
 from .deadletters import DeadLetter, DeadLetterStore
-from .errors import BadRecordError, BrokerUnavailableError
+from .errors import BadRecordError, BrokerUnavailableError, KeyIndexError
 from .keys import index_for
 from .parking import Parked, Parking
 from .pumpstats import PumpStats, log_progress
@@ -312,7 +312,7 @@ class Pump:
             return
         try:
             index_for(self.wal).note_carried(moves)
-        except (sqlite3.Error, WalError, OSError) as exc:
+        except (sqlite3.Error, KeyIndexError, WalError, OSError) as exc:
             # Only a later loss of the log's end can matter: then these keys still answer
             # with their first receipt.
             logger.error("pump: cannot note %d carried key(s) in the key index: %s",

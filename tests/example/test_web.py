@@ -396,6 +396,23 @@ def test_a_log_that_cannot_be_opened_is_503(tmp_path: Path) -> None:
     assert health.status_code == 503
 
 
+def test_a_damaged_key_index_is_503_naming_the_repair(tmp_path: Path) -> None:
+    relay = example_relay(tmp_path / "wal")
+    client = AppClient(create_app(relay=lambda: relay))
+    try:
+        assert client.post("/purchases", json=purchase()).status_code == 201
+        relay.close()  # the index is opened again at the next keyed send, damaged by then
+        with open(tmp_path / "wal" / "keys.sqlite3", "r+b") as f:
+            f.write(b"\x5a" * 100)
+        r = client.post("/purchases", json=purchase())
+    finally:
+        client.close()
+        relay.close()
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) > 0
+    assert "keys.sqlite3" in r.json()["detail"] and "remove" in r.json()["detail"]
+
+
 # ------------------------------------------------------------------ GET, health, schema
 def test_get_purchase_reports_each_target_from_the_ledger(
     client: AppClient, ledger: Ledger

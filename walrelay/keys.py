@@ -65,6 +65,7 @@ STRIPES = 1024
 _SLOT = struct.Struct("<Q32sQ")  # scan-from LSN + 1 (0: clear), sha256(key), pid
 _WRITER = STRIPES * _SLOT.size  # the byte locked around SQLite writes
 PURGE_INTERVAL = 60.0  # seconds between two purges of expired keys by one process
+REOPENS = 5  # a send re-opens the index at most this often before giving up
 BUSY_TIMEOUT_S = 30.0
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _OFD = hasattr(fcntl, "F_OFD_SETLKW")
@@ -143,7 +144,7 @@ class KeyIndex:
         self._files: tuple[tuple[int, int], tuple[int, int]] | None = None
         _indexes.add(self)  # from now on, a fork lets go of it (even mid-recovery)
         try:
-            with self._index_errors():
+            with self._index_errors(os_errors=True):
                 self._open(wal)
         except BaseException:
             self.close()
@@ -182,38 +183,40 @@ class KeyIndex:
         for lock in self._threads:
             lock.acquire()
         try:
-            if self.closed or not self._moved():
+            if self.closed or (self._fd >= 0 and not self._moved()):
                 return
             with self._db_lock:
-                self._db.close()
+                self._db.close()  # a no-op if an earlier re-open closed it
                 fd, self._fd = self._fd, -1
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             self._open(wal)
         finally:
             for lock in reversed(self._threads):
                 lock.release()
 
     @contextlib.contextmanager
-    def _index_errors(self) -> Iterator[None]:
-        """SQLite's errors as walrelay's (``KeyIndexError``), saying how to repair."""
+    def _index_errors(self, os_errors: bool = False) -> Iterator[None]:
+        """SQLite's errors (and with ``os_errors``, those of the index's own files) as
+        walrelay's: ``KeyIndexError``, saying how to repair."""
         try:
             yield
         except sqlite3.Error as exc:
-            name = getattr(exc, "sqlite_errorname", "")
-            if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-                fix = (
-                    f"it is damaged. Stop every process that sends to {self.directory}, remove "
-                    f"{DB_NAME} (and {DB_NAME}-wal, {DB_NAME}-shm): the next keyed send rebuilds "
-                    "it from the log (keys whose records the pump already pruned can then be "
-                    "sent again)"
-                )
-            else:
-                fix = "send again with the same key once it can be used"
-            raise KeyIndexError(
-                f"the idempotency index {self._db_path} cannot be used ({exc}): {fix}. A send "
-                "that failed so may or may not have been appended; sending it again with the "
-                "same key once the index works appends it at most once"
-            ) from exc
+            raise self.unusable(str(exc)) from exc
+        except OSError as exc:
+            if not os_errors:
+                raise
+            raise self.unusable(str(exc)) from exc
+
+    def unusable(self, why: str) -> KeyIndexError:
+        return KeyIndexError(
+            f"the idempotency index {self._db_path} cannot be used ({why}). A send that failed "
+            "so may or may not have been appended: send it again with the same key once the "
+            "index works (it appends at most once). If this lasts, the index is damaged: stop "
+            f"every process that sends to {self.directory} and remove {DB_NAME} (and "
+            f"{DB_NAME}-wal, {DB_NAME}-shm); the next keyed send rebuilds it from the log "
+            "(keys whose records the pump already pruned can then be sent again)"
+        )
 
     # ---------------------------------------------------------------- the send path
     def send_once(
@@ -225,14 +228,29 @@ class KeyIndex:
         assert key is not None
         stripe = zlib.crc32(key.encode()) % STRIPES
         with self._index_errors():
-            if self._moved():
-                self._reopen(wal)
-            with self._threads[stripe]:
-                _lock(self._fd, stripe * _SLOT.size, 1)
-                try:
-                    receipt = self._send_holding(stripe, wal, entry, payload, wanted, window, now)
-                finally:
-                    _unlock(self._fd, stripe * _SLOT.size, 1)
+            for _ in range(REOPENS):
+                with self._threads[stripe]:
+                    with self._index_errors(os_errors=True):
+                        moved = self._fd < 0
+                        if not moved:
+                            _lock(self._fd, stripe * _SLOT.size, 1)
+                            # Checked with the stripe held: a sender that waited for it on a
+                            # keys.lock removed meanwhile must not go on with that file.
+                            moved = self._moved()
+                            if moved:
+                                _unlock(self._fd, stripe * _SLOT.size, 1)
+                    if not moved:
+                        try:
+                            receipt = self._send_holding(
+                                stripe, wal, entry, payload, wanted, window, now
+                            )
+                        finally:
+                            _unlock(self._fd, stripe * _SLOT.size, 1)
+                        break
+                with self._index_errors(os_errors=True):
+                    self._reopen(wal)
+            else:
+                raise self.unusable("its files keep being removed or replaced")
             if now >= self._next_purge:
                 self._purge(now - window)
                 self._next_purge = now + PURGE_INTERVAL
@@ -282,7 +300,13 @@ class KeyIndex:
             ).fetchone()
         if row is None or row[3] <= oldest:
             return None
-        return str(row[0]), Receipt(int(row[1]), key, tuple(json.loads(row[2])))
+        try:
+            ids = json.loads(row[2])
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError("not a list of task ids")
+            return str(row[0]), Receipt(int(row[1]), key, tuple(ids))
+        except (ValueError, TypeError) as exc:
+            raise self.unusable(f"the row of key {key!r} is damaged: {exc}") from None
 
     def _insert(self, key: str, wanted: str, receipt: Receipt, created: float) -> None:
         row = (key, wanted, receipt.lsn, json.dumps(receipt.task_ids), created)

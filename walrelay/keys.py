@@ -173,7 +173,7 @@ class KeyIndex:
         that use the new one, nor take turns with them."""
         try:
             now = (_identity(os.stat(self._lock_path)), _identity(os.stat(self._db_path)))
-        except FileNotFoundError:
+        except OSError:  # gone, or not reachable: a re-open says which
             return True
         return now != self._files
 

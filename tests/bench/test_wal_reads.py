@@ -16,3 +16,4 @@ def test_the_bare_loop_counts_every_record_of_a_log_of_any_size(tmp_path: Path) 
         with Wal.open(where) as wal:
             assert sum(1 for _ in wal.iter_from(wal.first_lsn())) == records
         assert bare_loop(where) == records
+        assert bare_loop(where, chunk=1000) == records  # records cut by the chunks

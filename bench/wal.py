@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -168,17 +169,23 @@ def _purchase(proc: int, n: int) -> dict[str, Any]:
             "items": [{"sku": "sku-1", "qty": 1}], "total_cents": n + 2}  # fmt: skip
 
 
-def _purchase_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
-    from tasks.checkout import record_purchase  # imported by the parent
-
-    record_purchase(_purchase(proc, -1))  # opens the log and the key index off the clock
+def _warm_then_timed(gate: Gate, out: Any, step: Callable[[int], object]) -> None:
+    """``step(-1)`` off the clock (opens the log and the key index), then ``step(n)`` for
+    n = 0, 1, ... through the gate's window."""
+    step(-1)
     n = 0
     _start, stop = gate.wait()
     cpu = _cpu()
     while time.time() < stop:
-        record_purchase(_purchase(proc, n))
+        step(n)
         n += 1
     out.put((n, _cpu() - cpu))
+
+
+def _purchase_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
+    from tasks.checkout import record_purchase  # imported by the parent
+
+    _warm_then_timed(gate, out, lambda n: record_purchase(_purchase(proc, n)))
 
 
 def _send_producer(directory: str, proc: int, gate: Gate, out: Any, keyed: bool) -> None:
@@ -195,22 +202,7 @@ def _send_producer(directory: str, proc: int, gate: Gate, out: Any, keyed: bool)
         key = clean["purchase_id"] if keyed else None
         relay.send(reserve_stock.s(clean), record_revenue.s(clean), key=key)
 
-    send(-1)  # opens the log (and the key index) off the clock
-    n = 0
-    _start, stop = gate.wait()
-    cpu = _cpu()
-    while time.time() < stop:
-        send(n)
-        n += 1
-    out.put((n, _cpu() - cpu))
-
-
-def _keyed_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
-    _send_producer(directory, proc, gate, out, keyed=True)
-
-
-def _unkeyed_producer(directory: str, proc: int, gate: Gate, out: Any) -> None:
-    _send_producer(directory, proc, gate, out, keyed=False)
+    _warm_then_timed(gate, out, send)
 
 
 def _sqlite_producer(path: str, proc: int, gate: Gate, out: Any) -> None:
@@ -276,8 +268,12 @@ def _case(name: str, root: str, seconds: float) -> dict[str, float]:
             if os.path.realpath(get_app().relay.wal_dir) != os.path.realpath(wal_dir):
                 raise RuntimeError("the example app was made for another WAL_DIR")
             Wal.open(wal_dir).close()
-            producer = {"purchase": _purchase_producer, "keyed": _keyed_producer,
-                        "unkeyed": _unkeyed_producer}[kind]  # fmt: skip
+            producers: dict[str, Callable[..., None]] = {
+                "purchase": _purchase_producer,
+                "keyed": functools.partial(_send_producer, keyed=True),
+                "unkeyed": functools.partial(_send_producer, keyed=False),
+            }
+            producer = producers[kind]
             try:
                 return _producers(producer, [wal_dir] * n, seconds)
             finally:

@@ -227,19 +227,10 @@ class KeyIndex:
         key = entry.key
         assert key is not None
         stripe = zlib.crc32(key.encode()) % STRIPES
-        with self._index_errors():
+        try:  # not _index_errors: no generator on the send path
             for _ in range(REOPENS):
                 with self._threads[stripe]:
-                    with self._index_errors(os_errors=True):
-                        moved = self._fd < 0
-                        if not moved:
-                            _lock(self._fd, stripe * _SLOT.size, 1)
-                            # Checked with the stripe held: a sender that waited for it on a
-                            # keys.lock removed meanwhile must not go on with that file.
-                            moved = self._moved()
-                            if moved:
-                                _unlock(self._fd, stripe * _SLOT.size, 1)
-                    if not moved:
+                    if self._hold(stripe):
                         try:
                             receipt = self._send_holding(
                                 stripe, wal, entry, payload, wanted, window, now
@@ -254,7 +245,25 @@ class KeyIndex:
             if now >= self._next_purge:
                 self._purge(now - window)
                 self._next_purge = now + PURGE_INTERVAL
+        except sqlite3.Error as exc:
+            raise self.unusable(str(exc)) from exc
         return receipt
+
+    def _hold(self, stripe: int) -> bool:
+        """Take the stripe's byte lock on ``keys.lock``: True if it is held on the files
+        at the index's paths, False (not held) if they moved and need a re-open. Checked
+        with the lock held: a sender that waited for it on a keys.lock removed meanwhile
+        must not go on with that file."""
+        if self._fd < 0:  # an earlier re-open failed half-way
+            return False
+        try:
+            _lock(self._fd, stripe * _SLOT.size, 1)
+            if not self._moved():
+                return True
+            _unlock(self._fd, stripe * _SLOT.size, 1)
+        except OSError as exc:
+            raise self.unusable(str(exc)) from exc
+        return False
 
     def _send_holding(
         self,
